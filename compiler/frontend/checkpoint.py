@@ -1,0 +1,110 @@
+"""A Hugging Face checkpoint directory, read lazily.
+
+`Checkpoint.open(dir)` checks `config.json`, finds the weights (`model.safetensors`, or a
+sharded set with `model.safetensors.index.json`) and parses every header, so bad input fails
+before the build starts. Weights are read one at a time (`checkpoint.read(name)`), each a
+memory-mapped view, so peak memory stays near the largest single tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compiler.errors import KilnError
+from compiler.frontend.safetensors_file import SafetensorsFile, TensorInfo
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KilnError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})", "fix or re-download the file") from None
+    if not isinstance(data, dict):
+        raise KilnError(f"{path} must hold a JSON object", "fix or re-download the file")
+    return data
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    config: dict
+    generation_config: dict
+    files: list[SafetensorsFile]
+    index: dict[str, SafetensorsFile] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Checkpoint":
+        root = Path(root)
+        if not root.is_dir():
+            raise KilnError(f"checkpoint directory {root} does not exist", "pass a Hugging Face checkpoint directory")
+        cfg_path = root / "config.json"
+        if not cfg_path.is_file():
+            raise KilnError(f"{root} has no config.json", "point the recipe's source at a Hugging Face checkpoint directory")
+        config = _load_json(cfg_path)
+        gen_path = root / "generation_config.json"
+        gen = _load_json(gen_path) if gen_path.is_file() else {}
+        files = [SafetensorsFile(p) for p in _weight_files(root)]
+        index = {name: f for f in files for name in f.tensors}
+        return cls(root, config, gen, files, index)
+
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.index[name].tensors[name]
+
+    def read(self, name: str) -> np.ndarray:
+        return self.index[name].read(name)
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
+
+    def digest(self) -> str:
+        """sha256 over config, weights and tokenizer files (streamed, 8 MiB at a time)."""
+        h = hashlib.sha256()
+        paths = [self.root / "config.json", *(f.path for f in self.files), *self.tokenizer_files()]
+        for p in sorted(set(paths)):
+            h.update(p.name.encode() + b"\0")
+            with open(p, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+        return "sha256:" + h.hexdigest()
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise KilnError(f"{index} has no weight_map", "re-download the checkpoint's index file")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise KilnError(f"{root} lacks shard {missing[0]} named in {index.name}", "download every shard of the checkpoint")
+        return [root / s for s in shards]
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(root.glob("*.safetensors"))
+    if found:
+        return found
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+        raise KilnError(
+            f"{root} holds only pickle weights (*.bin/*.pt), which kiln never loads",
+            "convert the checkpoint to safetensors",
+        )
+    raise KilnError(f"{root} has no *.safetensors weights", "download the model's safetensors files")

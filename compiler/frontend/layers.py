@@ -1,0 +1,102 @@
+"""Graph pieces shared by the decoder architectures, in standard ONNX ops (opset 24).
+
+Shapes in comments: B batch, S new tokens this call, M max sequence (static KV cache),
+H hidden, Nq/Nkv query/KV heads, D head dim, I intermediate, V vocab.
+
+The KV cache is static: `past_key.i` [B, Nkv, M, D] is a graph input, TensorScatter writes this
+call's keys at each sequence's write index, and the result is the output `present_key.i`. The
+runtime binds input and output to one buffer, so the cache is updated in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.ir.builder import GraphBuilder
+
+
+@dataclass
+class DecoderInputs:
+    """Values every layer reads, built once per graph."""
+
+    position_ids: ir.Value  # [B, S] int64
+    write_index: ir.Value  # [B] int64, where this call's first token lands in the cache
+    mask: ir.Value  # [B, 1, S, M] bool, True = may attend
+    window_mask: ir.Value | None  # same, with the sliding window applied
+    cos: ir.Value  # [M, D/2]
+    sin: ir.Value  # [M, D/2]
+
+
+def decoder_inputs(b: GraphBuilder, max_seq: int, rotary: tuple[np.ndarray, np.ndarray], window: int | None) -> DecoderInputs:
+    position_ids = b.input("position_ids", ir.DataType.INT64, ["batch", "seq"])
+    with b.scope("inputs"):
+        first = b.op("Slice", [position_ids, b.const(np.array([0]), "starts"), b.const(np.array([1]), "ends"),
+                               b.const(np.array([1]), "axes")], "first_position")
+        write_index = b.op("Reshape", [first, b.const(np.array([-1]), "flat")], "write_index")  # [B]
+        query_pos = b.op("Unsqueeze", [position_ids, b.const(np.array([1, 3]), "axes_q")], "query_pos")  # [B,1,S,1]
+        key_pos = b.const(np.arange(max_seq, dtype=np.int64), "key_pos")  # [M]
+        mask = b.op("LessOrEqual", [key_pos, query_pos], "causal_mask")  # [B,1,S,M]
+        window_mask = None
+        if window is not None and window < max_seq:
+            lowest = b.op("Sub", [query_pos, b.const(np.array(window, dtype=np.int64), "window")], "window_start")
+            inside = b.op("Greater", [key_pos, lowest], "in_window")
+            window_mask = b.op("And", [mask, inside], "window_mask")
+        cos = b.const(rotary[0], "cos_cache")
+        sin = b.const(rotary[1], "sin_cache")
+    return DecoderInputs(position_ids, write_index, mask, window_mask, cos, sin)
+
+
+def rms_norm(b: GraphBuilder, x: ir.Value, weight: ir.Value, eps: float) -> ir.Value:
+    return b.op("RMSNormalization", [x, weight], "RMSNormalization", axis=-1, epsilon=eps)
+
+
+def linear(b: GraphBuilder, x: ir.Value, weight: ir.Value, bias: ir.Value | None = None) -> ir.Value:
+    """x [.., in] @ weight [in, out] (+ bias [out])."""
+    y = b.op("MatMul", [x, weight])
+    return b.op("Add", [y, bias]) if bias is not None else y
+
+
+def split_heads(b: GraphBuilder, x: ir.Value, heads: int, head_dim: int, leaf: str) -> ir.Value:
+    """[B, S, N*D] -> [B, N, S, D]."""
+    x4 = b.op("Reshape", [x, b.const(np.array([0, 0, heads, head_dim]), "heads_shape")], f"{leaf}_reshape")
+    return b.op("Transpose", [x4], f"{leaf}_transpose", perm=[0, 2, 1, 3])
+
+
+def rotary(b: GraphBuilder, x: ir.Value, inp: DecoderInputs, heads: int, leaf: str) -> ir.Value:
+    """RotaryEmbedding on [B, S, N*D] (non-interleaved halves, as transformers' rotate_half)."""
+    return b.op("RotaryEmbedding", [x, inp.cos, inp.sin, inp.position_ids], leaf, num_heads=heads, interleaved=0)
+
+
+def cached_attention(
+    b: GraphBuilder,
+    q: ir.Value,  # [B, S, Nq*D] after rotary
+    k: ir.Value,  # [B, S, Nkv*D] after rotary
+    v: ir.Value,  # [B, S, Nkv*D]
+    past_k: ir.Value,  # [B, Nkv, M, D]
+    past_v: ir.Value,
+    inp: DecoderInputs,
+    heads: tuple[int, int, int],  # Nq, Nkv, D
+    sliding: bool = False,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Returns attention output [B, S, Nq*D] and the updated caches."""
+    nq, nkv, d = heads
+    q4 = split_heads(b, q, nq, d, "q")
+    k4 = split_heads(b, k, nkv, d, "k")
+    v4 = split_heads(b, v, nkv, d, "v")
+    present_k = b.op("TensorScatter", [past_k, k4, inp.write_index], "k_cache_update", axis=2)
+    present_v = b.op("TensorScatter", [past_v, v4, inp.write_index], "v_cache_update", axis=2)
+    mask = inp.window_mask if sliding and inp.window_mask is not None else inp.mask
+    y = b.op("Attention", [q4, present_k, present_v, mask], "Attention", scale=1.0 / math.sqrt(d))  # [B,Nq,S,D]
+    y = b.op("Transpose", [y], "merge_transpose", perm=[0, 2, 1, 3])
+    y = b.op("Reshape", [y, b.const(np.array([0, 0, nq * d]), "merge_shape")], "merge_reshape")
+    return y, present_k, present_v
+
+
+def swiglu(b: GraphBuilder, gate: ir.Value, up: ir.Value) -> ir.Value:
+    """silu(gate) * up, [B, S, I]."""
+    act = b.op("Swish", [gate], "act", alpha=1.0)
+    return b.op("Mul", [act, up], "gate_mul")

@@ -1,0 +1,28 @@
+"""The one explicit registry of architectures: `architectures` in config.json -> module.
+
+Each module provides `config(hf_config: dict) -> Config` (a frozen dataclass read explicitly
+from config.json) and `build(config, checkpoint, max_seq) -> onnx_ir.Model`. Adding a model is
+adding a file and a line here.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from compiler.errors import KilnError
+from compiler.frontend.models import llama, mistral, qwen2
+
+REGISTRY: dict[str, ModuleType] = {
+    llama.ARCH: llama,
+    mistral.ARCH: mistral,
+    qwen2.ARCH: qwen2,
+}
+
+
+def lookup(hf_config: dict) -> ModuleType:
+    archs = hf_config.get("architectures") or []
+    for arch in archs:
+        if arch in REGISTRY:
+            return REGISTRY[arch]
+    named = ", ".join(archs) if archs else "none (config.json has no 'architectures')"
+    raise KilnError(f"unsupported architecture: {named}", f"kiln supports {', '.join(sorted(REGISTRY))}")

@@ -1,0 +1,86 @@
+"""Rotary position embedding: the config as read from `config.json`, and its cos/sin tables.
+
+Both config styles are read explicitly: transformers 5 writes `rope_parameters`
+({rope_type, rope_theta, ...}); older checkpoints write `rope_theta` and `rope_scaling`.
+A scaling type kiln does not implement is refused with its name, never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.errors import KilnError
+
+SUPPORTED = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> "RopeConfig":
+        params = cfg.get("rope_parameters")
+        if params is None:  # transformers 4 style
+            if "rope_theta" not in cfg:
+                raise KilnError(f"{where} has neither rope_parameters nor rope_theta", "add the model's rope_theta to config.json")
+            params = dict(cfg.get("rope_scaling") or {})
+            params["rope_theta"] = cfg["rope_theta"]
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in SUPPORTED:
+            raise KilnError(
+                f"{where}: rope scaling type {rope_type!r} is not supported",
+                f"kiln implements {', '.join(SUPPORTED)}",
+            )
+        if "rope_theta" not in params:
+            raise KilnError(f"{where}: rope_parameters lacks rope_theta", "add rope_theta to rope_parameters")
+        kw = {"theta": float(params["rope_theta"]), "rope_type": rope_type}
+        if rope_type in ("linear", "llama3"):
+            kw["factor"] = float(_need(params, "factor", where))
+        if rope_type == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                kw[key] = type(getattr(cls, key))(_need(params, key, where))
+        return cls(**kw)
+
+    def inv_freq(self, rotary_dim: int) -> np.ndarray:
+        """[rotary_dim/2] float32 inverse frequencies after scaling (float32, as transformers)."""
+        exponent = np.arange(0, rotary_dim, 2).astype(np.float32) / np.float32(rotary_dim)
+        inv = (np.float32(1.0) / np.power(np.float32(self.theta), exponent)).astype(np.float32)
+        if self.rope_type == "linear":
+            return (inv / np.float32(self.factor)).astype(np.float32)
+        if self.rope_type == "llama3":
+            return _llama3_scale(inv, self).astype(np.float32)
+        return inv
+
+    def tables(self, rotary_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin caches [max_positions, rotary_dim/2] float32, as RotaryEmbedding-23 takes them."""
+        inv = self.inv_freq(rotary_dim)
+        # transformers computes position * inv_freq in float32: match it bit for bit
+        angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv[None, :]
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _need(params: dict, key: str, where: str):
+    if key not in params:
+        raise KilnError(f"{where}: rope scaling {params.get('rope_type')!r} lacks {key}", f"add {key} to rope_parameters")
+    return params[key]
+
+
+def _llama3_scale(inv: np.ndarray, rc: RopeConfig) -> np.ndarray:
+    """Llama 3.1 frequency-dependent scaling: low frequencies / factor, high kept, smooth between."""
+    low_wavelen = rc.original_max_position_embeddings / rc.low_freq_factor
+    high_wavelen = rc.original_max_position_embeddings / rc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rc.factor, inv)
+    smooth = (rc.original_max_position_embeddings / wavelen - rc.low_freq_factor) / (rc.high_freq_factor - rc.low_freq_factor)
+    mid = (1 - smooth) * scaled / rc.factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_mid, mid, scaled)

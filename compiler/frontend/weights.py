@@ -1,0 +1,55 @@
+"""Checked, lazy access to checkpoint weights for the graph builders.
+
+A builder asks for each weight by its checkpoint name and the shape it expects; a missing
+weight or a wrong shape is a one-line KilnError before anything is written. The returned
+graph value reads the tensor only when the model is serialised (`transpose=True` gives the
+[in, out] layout MatMul wants from a Hugging Face [out, in] linear weight).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.errors import KilnError
+from compiler.frontend.checkpoint import Checkpoint
+from compiler.ir.builder import GraphBuilder
+
+_FLOAT_TAGS = {"F32", "F16", "BF16", "F64"}
+
+
+class Weights:
+    def __init__(self, ckpt: Checkpoint, builder: GraphBuilder, dtype=np.float32):
+        self.ckpt = ckpt
+        self.b = builder
+        self.dtype = np.dtype(dtype)
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.ckpt.index
+
+    def get(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> ir.Value:
+        """Initializer for checkpoint tensor `name`, checked against `shape` (checkpoint layout)."""
+        if name not in self.ckpt.index:
+            raise KilnError(f"checkpoint {self.ckpt.root} lacks weight {name}", "use the complete checkpoint for this architecture")
+        info = self.ckpt.info(name)
+        if tuple(info.shape) != tuple(shape):
+            raise KilnError(
+                f"weight {name} has shape {list(info.shape)} but config.json implies {list(shape)}",
+                "check that config.json belongs to these weights",
+            )
+        if info.dtype not in _FLOAT_TAGS:
+            raise KilnError(f"weight {name} has dtype {info.dtype}, expected a float type", "use an unquantized checkpoint")
+        self.used.add(name)
+        ckpt, dtype = self.ckpt, self.dtype
+
+        def read() -> np.ndarray:
+            arr = ckpt.read(name)
+            arr = arr.T if transpose else arr
+            return np.ascontiguousarray(arr, dtype=dtype)
+
+        out_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+        return self.b.weight(name, out_shape, ir.DataType.FLOAT if dtype == np.float32 else ir.DataType.FLOAT16, read)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.ckpt.names()) - self.used)

@@ -1,0 +1,1 @@
+"""kiln plugins: one folder per custom op (schema, reference, decomposition, kernels, bindings)."""
