@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 import struct
-import tempfile
+import sys
+import uuid
 from pathlib import Path
 
 from compiler.errors import KilnError
@@ -46,7 +47,8 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pat
                         "remove it or choose another output directory")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: the final dir should get normal (umask) permissions
     try:
         with _status(progress, f"Importing {gguf_path.name}") as status:
             _convert(gguf_path, tmp, status)
@@ -74,9 +76,8 @@ def _convert(gguf_path: Path, tmp: Path, status) -> None:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    # transformers re-parses the GGUF metadata (~4 s for a 49k vocab) on every call; hand
-    # it the reader we already have. tqdm/chatter from transformers is kept off the terminal.
-    with _reuse_reader(gguf, gguf_path, reader), contextlib.redirect_stderr(io.StringIO()):
+    # tqdm bars and chatter from transformers are kept off the terminal
+    with _gguf_memo(gguf, gguf_path, reader), contextlib.redirect_stderr(io.StringIO()):
         status("Reading config")
         try:
             config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
@@ -110,8 +111,6 @@ def _convert(gguf_path: Path, tmp: Path, status) -> None:
     _write_safetensors(tmp / "model.safetensors", tensors)
     del tensors
 
-    config.pop_attr = None  # placeholder removed below; keeps attribute handling in one place
-    del config.pop_attr
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [type(skeleton).__name__]
@@ -144,20 +143,29 @@ def _write_safetensors(path: Path, tensors: dict) -> None:
 
 
 @contextlib.contextmanager
-def _reuse_reader(gguf_module, path: Path, reader):
-    """Make `gguf.GGUFReader(path)` return `reader` for the duration (other paths untouched)."""
-    real = gguf_module.GGUFReader
+def _gguf_memo(gguf_module, path: Path, reader):
+    """Within the block, `gguf.GGUFReader(path)` returns `reader` and `get_tensor_name_map`
+    is memoised. transformers calls both afresh per use (the reader re-parses ~4 s of
+    metadata; the name map is rebuilt for each of the ~400 submodules), and looks them up
+    on the gguf module at call time. If that ever changes this is merely a no-op."""
+    real_reader, real_map = gguf_module.GGUFReader, gguf_module.get_tensor_name_map
+    maps: dict = {}
 
     def reader_for(p, *args, **kwargs):
         if not args and not kwargs and Path(p).resolve() == path:
             return reader
-        return real(p, *args, **kwargs)
+        return real_reader(p, *args, **kwargs)
 
-    gguf_module.GGUFReader = reader_for
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = real_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf_module.GGUFReader, gguf_module.get_tensor_name_map = reader_for, name_map
     try:
         yield
     finally:
-        gguf_module.GGUFReader = real
+        gguf_module.GGUFReader, gguf_module.get_tensor_name_map = real_reader, real_map
 
 
 @contextlib.contextmanager
@@ -171,7 +179,8 @@ def _status(progress: bool, text: str):
     except ImportError:
         yield lambda msg: None
         return
-    with Console(stderr=True).status(text) as live:
+    # bind the real stderr now: transformers' own output is redirected away while we run
+    with Console(file=sys.stderr).status(text) as live:
         yield lambda msg: live.update(f"{text}: {msg}")
 
 

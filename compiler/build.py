@@ -1,0 +1,118 @@
+"""`kiln build`: recipe -> checkpoint -> graph -> passes -> backend -> artifacts/<name>/.
+
+Everything is written into a temp dir beside the destination and renamed into place at the
+end, so a failed build leaves nothing behind. The manifest `kiln.json` records the resolved
+recipe, the source digest, the sha256 of every file, the backend and its version, the I/O spec
+and the build's time, peak memory and host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnxruntime
+
+from compiler import __version__
+from compiler.backends.onnxruntime import backend as ort_backend
+from compiler.backends.onnxruntime.legalise import legalise
+from compiler.errors import KilnError
+from compiler.frontend import models
+from compiler.frontend.checkpoint import Checkpoint
+from compiler.frontend.sources import resolve_source
+from compiler.passes import PassManager, make
+from compiler.recipe import Recipe
+from compiler.runtime.config import GenerationDefaults, SessionConfig
+
+
+def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progress: bool = True) -> dict:
+    """Build `recipe` into out_root/<name>; returns the manifest."""
+    t0 = time.perf_counter()
+    source = resolve_source(recipe.source)
+    ckpt = Checkpoint.open(source)
+    arch = models.lookup(ckpt.config)
+    cfg = arch.config(ckpt.config)
+    if recipe.max_seq > cfg.max_position_embeddings:
+        raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
+                        "lower max_seq in the recipe")
+    model = arch.build(cfg, ckpt, recipe.max_seq)
+    pm = PassManager(make(recipe.passes), dump_dir=dump_ir)
+    model = pm.run(model)
+    flavour = "standard"
+    if recipe.onnxruntime.graph == "contrib":
+        model = legalise(model, cfg)
+        flavour = "ort-contrib"
+    facts = ort_backend.ModelFacts(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, _generation(ckpt))
+    session = SessionConfig(intra_op_threads=recipe.onnxruntime.intra_op_threads)
+
+    dest = out_root / recipe.name
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", suffix=".tmp", dir=out_root))
+    tmp.chmod(0o755)
+    try:
+        engine = ort_backend.emit(model, facts, tmp, max_batch=recipe.max_batch, max_seq=recipe.max_seq,
+                                  session=session, graph_flavour=flavour, progress=progress)
+        for f in ckpt.tokenizer_files():
+            shutil.copy2(f, tmp / f.name)
+        manifest = {
+            "kiln_version": __version__,
+            "name": recipe.name,
+            "recipe": recipe.resolved(),
+            "source": {"path": str(source), "digest": ckpt.digest(), "architecture": arch.ARCH, "config": asdict(cfg)},
+            "backend": {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour},
+            "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
+            "graph": {"nodes": len(model.graph), "passes": [asdict(r) for r in pm.records]},
+            "build": {
+                "seconds": round(time.perf_counter() - t0, 2),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "host": socket.gethostname(),
+                "platform": platform.platform(),
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+        }
+        (tmp / "kiln.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _generation(ckpt: Checkpoint) -> GenerationDefaults:
+    def ids(v) -> list[int]:
+        return [] if v is None else [int(x) for x in (v if isinstance(v, list) else [v])]
+
+    gen, cfg = ckpt.generation_config, ckpt.config
+    eos = ids(gen.get("eos_token_id", cfg.get("eos_token_id")))
+    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
+    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
+    return GenerationDefaults(bos_token_id=bos, eos_token_ids=eos, pad_token_id=int(pad) if pad is not None else (eos or [0])[0])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Rename tmp to dest; an existing dest is moved aside first and removed after."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{time.time_ns()}")
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,132 @@
+"""The `kiln` command: build, run, inspect, import.
+
+User errors (KilnError, or a runtime ValueError/FileNotFoundError) print one line
+`kiln: error: ...` on stderr and exit 2, with no traceback. `--json` prints machine-readable
+results on stdout; `--quiet` drops progress output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _build(args) -> int:
+    from compiler.build import build
+    from compiler.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.max_seq or args.max_batch:
+        recipe = recipe.model_copy(update={k: v for k, v in (("max_seq", args.max_seq), ("max_batch", args.max_batch)) if v})
+    manifest = build(recipe, Path(args.out), dump_ir=Path(args.dump_ir) if args.dump_ir else None, progress=not args.quiet)
+    dest = Path(args.out) / recipe.name
+    if args.json:
+        print(json.dumps({"artifact": str(dest), "build": manifest["build"]}))
+    elif not args.quiet:
+        b = manifest["build"]
+        print(f"built {dest} in {b['seconds']:.1f} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
+def _run(args) -> int:
+    from compiler.runtime import load
+
+    engine = load(args.artifact, threads=args.threads)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed, stop=tuple(args.stop or ()), chat=args.chat)
+    if args.json:
+        gen = engine.generate(args.prompt, **kw)
+        t = gen.timing
+        print(json.dumps({"text": gen.text, "tokens": gen.token_ids, "finish_reason": gen.finish_reason,
+                          "prefill_ms": round(t.prefill_ms, 2), "decode_tok_s": round(t.decode_tok_s, 2)}))
+        return 0
+    for piece in engine.stream(args.prompt, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not args.quiet:
+        print(engine.last_generation.timing.summary(), file=sys.stderr)
+    return 0
+
+
+def _inspect(args) -> int:
+    from compiler.inspect_artifact import inspect_artifact
+
+    info = inspect_artifact(Path(args.artifact))
+    print(json.dumps(info, indent=2) if args.json else info["text"])
+    return 0
+
+
+def _import(args) -> int:
+    from compiler.frontend.gguf_import import import_gguf
+
+    out = import_gguf(Path(args.gguf), Path(args.out_dir), progress=not args.quiet)
+    if not args.quiet:
+        print(f"imported {args.gguf} -> {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Compile Hugging Face checkpoints into inference engines.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, fn, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--quiet", action="store_true", help="no progress output")
+        c.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        c.set_defaults(fn=fn)
+        return c
+
+    b = cmd("build", _build, "build a recipe into artifacts/<name>/")
+    b.add_argument("recipe")
+    b.add_argument("--out", default="artifacts", help="artifact root (default: artifacts)")
+    b.add_argument("--dump-ir", metavar="DIR", help="write the graph after each pass into DIR")
+    b.add_argument("--max-seq", type=int, help="override the recipe's max_seq")
+    b.add_argument("--max-batch", type=int, help="override the recipe's max_batch")
+
+    r = cmd("run", _run, "generate text with a built artifact")
+    r.add_argument("artifact")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
+
+    i = cmd("inspect", _inspect, "print an artifact's manifest and graph summary")
+    i.add_argument("artifact")
+
+    m = cmd("import", _import, "import a GGUF file into a Hugging Face checkpoint directory")
+    m.add_argument("gguf")
+    m.add_argument("out_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from compiler.errors import KilnError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:
+        if args.command not in ("run", "inspect"):
+            raise
+        print(f"kiln: error: {e}", file=sys.stderr)
+    except ImportError as e:
+        print(f"kiln: error: `kiln {args.command}` needs the build extra ({e.name} is missing); pip install 'kiln[build]'",
+              file=sys.stderr)
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Shape inference: ONNX's inference over the graph (weights stay out of it), merged back."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from compiler.passes.base import PassResult
+
+
+class ShapeInference:
+    name = "shape_inference"
+
+    def run(self, model: ir.Model) -> PassResult:
+        result = ShapeInferencePass(check_type=True, strict_mode=True, data_prop=True)(model)
+        return PassResult(result.model, result.modified)

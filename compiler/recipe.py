@@ -1,0 +1,81 @@
+"""Build recipes: `recipes/*.yaml`, a versioned schema validated with pydantic.
+
+A bad recipe fails with the file, the field and the reason, e.g.
+`recipes/x.yaml: field 'max_seq': Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compiler.errors import KilnError
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnnxRuntimeOptions(_Strict):
+    # "contrib": legalise to ONNX Runtime's fused CPU kernels; "standard": keep the standard-op graph
+    graph: Literal["contrib", "standard"] = "standard"
+    intra_op_threads: int = Field(0, ge=0, description="0 = physical cores of the machine that loads the engine")
+
+
+class Recipe(_Strict):
+    schema_version: Literal[1] = Field(alias="schema")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    source: str
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    dtype: Literal["float32"] = "float32"
+    max_batch: int = Field(4, gt=0, le=256)
+    max_seq: int = Field(2048, gt=0, le=131072)
+    passes: list[str] = ["merge_qkv", "merge_gate_up", "dedupe_constants", "dce", "shape_inference"]
+    onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+
+    @field_validator("passes")
+    @classmethod
+    def _known_passes(cls, v: list[str]) -> list[str]:
+        from compiler.passes import PASSES
+
+        unknown = [p for p in v if p not in PASSES]
+        if unknown:
+            raise ValueError(f"unknown pass {unknown[0]!r} (known: {', '.join(PASSES)})")
+        return v
+
+    def resolved(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise KilnError(f"recipe {path} does not exist", "pass a recipes/*.yaml file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise KilnError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise KilnError(f"{path}: a recipe must be a YAML mapping", "see recipes/smollm2-135m.yaml")
+    return parse_recipe(data, str(path))
+
+
+def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field"
+        elif err["type"] == "missing":
+            reason = "required field is missing"
+        raise KilnError(f"{where}: field '{field}': {reason}", f"fix '{field}' (schema version {SCHEMA_VERSION})") from None

@@ -1,0 +1,92 @@
+"""The engine config (`engine.json`): everything the runtime needs to drive an engine.
+
+Written by a backend at build time, read by the runtime at load time. Plain dataclasses and
+JSON, so a server needs nothing from the build side to read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ENGINE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, int64, ...
+    shape: list  # ints, or strings for dynamic axes ("batch", "seq")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Static cache per layer: [batch, num_kv_heads, max_seq, head_dim], updated in place."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq: int
+    dtype: str = "float32"
+    layout: str = "batch,kv_heads,max_seq,head_dim"
+    key_input: str = "past_key.{i}"
+    value_input: str = "past_value.{i}"
+    key_output: str = "present_key.{i}"
+    value_output: str = "present_value.{i}"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """ONNX Runtime session options chosen at build time (0 threads = physical cores at load)."""
+
+    execution_provider: str = "CPUExecutionProvider"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    graph_optimization_level: str = "ORT_ENABLE_ALL"
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int = 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str
+    model_file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    kv_cache: KVCacheSpec
+    max_batch: int
+    max_seq: int
+    vocab_size: int
+    session: SessionConfig = SessionConfig()
+    generation: GenerationDefaults = GenerationDefaults()
+    graph_flavour: str = "standard"  # "standard" ONNX ops, or "ort-contrib" after legalisation
+    format: int = ENGINE_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        d = json.loads(text)
+        if d.get("format") != ENGINE_FORMAT:
+            raise ValueError(f"engine format {d.get('format')} is not {ENGINE_FORMAT}")
+        return cls(
+            **{
+                **d,
+                "inputs": [TensorSpec(**t) for t in d["inputs"]],
+                "outputs": [TensorSpec(**t) for t in d["outputs"]],
+                "kv_cache": KVCacheSpec(**d["kv_cache"]),
+                "session": SessionConfig(**d["session"]),
+                "generation": GenerationDefaults(**d["generation"]),
+            }
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> "EngineConfig":
+        return cls.from_json(Path(path).read_text())

@@ -1,0 +1,157 @@
+"""`load(artifact_dir)` and the Engine's `generate()` / `stream()`.
+
+A batch of prompts is right-padded into one prefill; each sequence then writes its cache at
+its own position (position_ids carry it), and masks keep every row to its own tokens, so a
+batch gives each prompt the tokens it would get alone. Streaming and non-streaming share one
+loop: `generate()` is the concatenation of what `stream()` yields.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from compiler.runtime.config import EngineConfig
+from compiler.runtime.sampling import SamplingParams, sample
+from compiler.runtime.session import DecoderSession
+from compiler.runtime.text import Text, TextStream
+
+Prompt = str | list[dict]  # plain text, or chat messages
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    stop_token_ids: tuple[int, ...] | None = None  # None = the model's eos ids
+    chat: bool = False
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"prefill {self.prompt_tokens} tok in {self.prefill_ms:.1f} ms | "
+                f"decode {self.decode_steps} tok at {self.decode_tok_s:.1f} tok/s")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    timing: Timing = field(default_factory=Timing)
+
+
+class Engine:
+    def __init__(self, path: Path, threads: int | None = None):
+        self.path = Path(path)
+        self.config = EngineConfig.load(self.path / "engine.json")
+        self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
+        self.text = Text(self.path)
+        self.session = DecoderSession(self.path, self.config, threads)
+
+    # -- public API -----------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **kw) -> Generation | list[Generation]:
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        gens = [Generation("", [], "length") for _ in batch]
+        for i, piece in self._run(batch, _config(config, kw), gens):
+            gens[i].text += piece
+        return gens[0] if single else gens
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **kw) -> Iterator[str]:
+        """Yields text pieces of one prompt as they become final; `last_timing` holds the timing."""
+        gens = [Generation("", [], "length")]
+        for _, piece in self._run([prompt], _config(config, kw), gens):
+            yield piece
+        self.last_generation = gens[0]
+
+    # -- the loop -------------------------------------------------------------------------
+    def _run(self, prompts: list[Prompt], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str]]:
+        ids = [self.text.prompt_ids(p, cfg.chat) for p in prompts]
+        lens = np.array([len(x) for x in ids], dtype=np.int64)
+        B, S, M = len(ids), int(lens.max()), self.config.max_seq
+        if B > self.config.max_batch:
+            raise ValueError(f"{B} prompts exceed this engine's max_batch {self.config.max_batch}")
+        if S >= M or lens.min() == 0:
+            raise ValueError(f"prompt length must be 1..{M - 1} tokens for this engine (max_seq {M}), got {S}")
+        params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p)
+        rng = np.random.default_rng(cfg.seed)
+        stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else self.config.generation.eos_token_ids)
+        streams = [TextStream(self.text, cfg.stop) for _ in range(B)]
+        max_new = min(cfg.max_new_tokens, M - S)
+        timing = Timing(prompt_tokens=int(lens.sum()))
+        for g in gens:
+            g.timing = timing
+
+        cache = self.session.new_cache(B)
+        io = self.session.binding(cache)
+        pad = self.config.generation.pad_token_id
+        input_ids = np.array([x + [pad] * (S - len(x)) for x in ids], dtype=np.int64)  # [B, S]
+        t0 = time.perf_counter()
+        logits = self.session.step(io, input_ids, np.broadcast_to(np.arange(S), (B, S)))
+        last = logits[np.arange(B), lens - 1]  # [B, V]
+        timing.prefill_ms = (time.perf_counter() - t0) * 1e3
+
+        active = np.ones(B, dtype=bool)
+        pos = lens.copy()  # where each row's next token goes
+        t1 = time.perf_counter()
+        for step in range(max_new):
+            nxt = sample(last, params, rng)
+            for b in np.flatnonzero(active):
+                tok = int(nxt[b])
+                if tok in stops:
+                    active[b], gens[b].finish_reason = False, "stop"
+                    continue
+                gens[b].token_ids.append(tok)
+                piece = streams[b].push(tok)
+                if piece:
+                    yield b, piece
+                if streams[b].stopped:
+                    active[b], gens[b].finish_reason = False, "stop"
+            if not active.any() or step == max_new - 1:
+                break
+            feed = np.where(active, nxt, pad)[:, None]
+            last = self.session.step(io, feed, np.minimum(pos, M - 1)[:, None])[:, -1]
+            pos += active
+            timing.decode_steps += 1
+        timing.decode_s = time.perf_counter() - t1
+        for b in range(B):
+            rest = streams[b].finish()
+            if rest:
+                yield b, rest
+
+
+def _config(config: GenerationConfig | None, kw: dict) -> GenerationConfig:
+    cfg = config or GenerationConfig()
+    if kw:
+        if "stop" in kw and isinstance(kw["stop"], str):
+            kw["stop"] = (kw["stop"],)
+        cfg = GenerationConfig(**{**cfg.__dict__, **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}})
+    return cfg
+
+
+def load(path: str | Path, threads: int | None = None) -> Engine:
+    """Load an engine built by `kiln build` (a directory with engine.json and kiln.json)."""
+    path = Path(path)
+    if not (path / "engine.json").is_file():
+        raise FileNotFoundError(f"{path} is not a kiln artifact (no engine.json); build one with `kiln build RECIPE`")
+    return Engine(path, threads)

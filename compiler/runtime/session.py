@@ -1,0 +1,83 @@
+"""ONNX Runtime session for a decoder engine, with the KV cache bound in place.
+
+`KVCache` allocates each layer's [B, Nkv, M, D] key and value buffers once per batch; `bind()`
+binds every `past_*` input and its `present_*` output to the same buffer, so TensorScatter (or
+the contrib attention kernel) writes new entries in place and nothing is reallocated per step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from compiler.runtime.config import EngineConfig
+
+
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads) of this machine, from /proc/cpuinfo when readable."""
+    try:
+        pairs, phys, core = set(), None, None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                phys = val.strip()
+            elif key == "core id":
+                core = val.strip()
+                pairs.add((phys, core))
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+@dataclass
+class KVCache:
+    batch: int
+    keys: list[ort.OrtValue]
+    values: list[ort.OrtValue]
+    _arrays: list[np.ndarray]  # owners of the buffers the OrtValues wrap
+
+
+class DecoderSession:
+    def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None):
+        self.cfg = cfg
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or cfg.session.intra_op_threads or physical_cores()
+        so.inter_op_num_threads = cfg.session.inter_op_threads
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg.session.graph_optimization_level)
+        so.log_severity_level = 3
+        available = ort.get_available_providers()
+        if cfg.session.execution_provider not in available:
+            raise RuntimeError(f"this engine needs {cfg.session.execution_provider}, which this onnxruntime lacks ({available})")
+        self.threads = so.intra_op_num_threads
+        self.session = ort.InferenceSession(str(engine_dir / cfg.model_file), so, providers=[cfg.session.execution_provider])
+
+    def new_cache(self, batch: int) -> KVCache:
+        kv = self.cfg.kv_cache
+        shape = (batch, kv.num_kv_heads, kv.max_seq, kv.head_dim)
+        arrays = [np.zeros(shape, dtype=kv.dtype) for _ in range(2 * kv.num_layers)]
+        vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        return KVCache(batch, vals[0::2], vals[1::2], arrays)
+
+    def binding(self, cache: KVCache) -> ort.IOBinding:
+        kv, io = self.cfg.kv_cache, self.session.io_binding()
+        io.bind_output("logits")  # first bound output: index 0 of get_outputs(); allocated per run
+        for i in range(kv.num_layers):
+            for pattern_in, pattern_out, buf in ((kv.key_input, kv.key_output, cache.keys[i]),
+                                                 (kv.value_input, kv.value_output, cache.values[i])):
+                io.bind_ortvalue_input(pattern_in.format(i=i), buf)
+                io.bind_ortvalue_output(pattern_out.format(i=i), buf)
+        return io
+
+    def step(self, io: ort.IOBinding, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run input_ids/position_ids [B, S] int64 through the engine; returns logits [B, S, V]."""
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
