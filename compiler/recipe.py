@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 class OnnxRuntimeOptions(_Strict):
     # "contrib": legalise to ONNX Runtime's fused CPU kernels; "standard": keep the standard-op graph
-    graph: Literal["contrib", "standard"] = "standard"
+    graph: Literal["contrib", "standard"] = "contrib"
     intra_op_threads: int = Field(0, ge=0, description="0 = physical cores of the machine that loads the engine")
 
 

@@ -62,7 +62,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pat
 def _convert(gguf_path: Path, tmp: Path, status) -> None:
     import gguf
 
-    status(f"Reading {gguf_path.name}")
+    status("Reading metadata")
     try:
         reader = gguf.GGUFReader(gguf_path)
         arch = str(reader.fields["general.architecture"].contents())
@@ -76,6 +76,7 @@ def _convert(gguf_path: Path, tmp: Path, status) -> None:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
+    supported = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # metadata sections
     # tqdm bars and chatter from transformers are kept off the terminal
     with _gguf_memo(gguf, gguf_path, reader), contextlib.redirect_stderr(io.StringIO()):
         status("Reading config")
@@ -86,7 +87,7 @@ def _convert(gguf_path: Path, tmp: Path, status) -> None:
         except (ValueError, KeyError, NotImplementedError) as e:
             raise KilnError(
                 f"transformers cannot load GGUF architecture '{arch}' as a causal LM: {_one_line(e)}",
-                f"supported GGUF architectures: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}") from e
+                f"supported GGUF architectures: {', '.join(sorted(supported))}") from e
 
         status("Converting tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
@@ -186,4 +187,4 @@ def _status(progress: bool, text: str):
 
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
+    return (lines[0].rstrip(".") if lines else type(e).__name__)[:200]

