@@ -32,6 +32,20 @@ class Match:
     scatters: tuple[ir.Node, ir.Node]
     merge: ir.Node  # the Reshape producing y [B, S, Nq*D]
     window: int
+    packed: tuple[ir.Value, ir.Value, ir.Value] | None = None  # qkv [B, S, (Nq+2Nkv)*D], cos, sin
+
+
+def _packed(q: ir.Value, k: ir.Value, v: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """When q/k are RotaryEmbedding of Split outputs 0/1 and v is output 2 of the same Split
+    (the merged QKV projection), GQA can take the packed projection and rotate itself."""
+    rq, rk, split = q.producer(), k.producer(), v.producer()
+    if not (rq and rk and split and rq.op_type == rk.op_type == "RotaryEmbedding" and split.op_type == "Split"):
+        return None
+    if [rq.inputs[0], rk.inputs[0], v] != list(split.outputs) or rq.inputs[1:] != rk.inputs[1:]:
+        return None
+    if any(r.attributes.get_int("interleaved", 0) or r.attributes.get_int("rotary_embedding_dim", 0) for r in (rq, rk)):
+        return None
+    return split.inputs[0], rq.inputs[1], rq.inputs[2]
 
 
 def _through(value: ir.Value, *ops: str) -> ir.Value | None:
@@ -58,7 +72,7 @@ def match(node: ir.Node) -> Match | None:
     merge_users = list(users[0].node.outputs[0].uses())
     if len(merge_users) != 1 or merge_users[0].node.op_type != "Reshape":
         return None
-    return Match(node, q, k, v, (sk, sv), merge_users[0].node, _window(mask))
+    return Match(node, q, k, v, (sk, sv), merge_users[0].node, _window(mask), _packed(q, k, v))
 
 
 def _window(mask: ir.Value) -> int:
@@ -108,13 +122,20 @@ def replace(graph: ir.Graph, m: Match, heads: tuple[int, int], lens: tuple[ir.Va
     nq, nkv = heads
     past_k, past_v = m.scatters[0].inputs[0], m.scatters[1].inputs[0]
     name = m.attention.name.rsplit("/", 1)[0] + "/GroupQueryAttention"
-    gqa = ir.Node(_DOMAIN, "GroupQueryAttention", [m.q, m.k, m.v, past_k, past_v, *lens],
+    if m.packed:  # GQA rotates q/k itself at positions 0..S-1 (prefill) or seqlens_k (decode)
+        qkv, cos, sin = m.packed
+        inputs = [qkv, None, None, past_k, past_v, *lens, cos, sin]
+    else:
+        inputs = [m.q, m.k, m.v, past_k, past_v, *lens]
+    gqa = ir.Node(_DOMAIN, "GroupQueryAttention", inputs,
                   attributes=[ir.AttrInt64("num_heads", nq), ir.AttrInt64("kv_num_heads", nkv),
-                              ir.AttrInt64("local_window_size", m.window), ir.AttrInt64("do_rotary", 0)],
+                              ir.AttrInt64("local_window_size", m.window), ir.AttrInt64("do_rotary", int(bool(m.packed)))],
                   num_outputs=3, name=name)
     graph.insert_before(m.attention, gqa)
     y, present_k, present_v = gqa.outputs
     y.name = f"{name}_output_0"
+    for new, old in ((y, m.merge.outputs[0]), (present_k, m.scatters[0].outputs[0]), (present_v, m.scatters[1].outputs[0])):
+        new.type, new.shape = old.type, old.shape
     m.merge.outputs[0].replace_all_uses_with(y)
     for old, new in ((m.scatters[0].outputs[0], present_k), (m.scatters[1].outputs[0], present_v)):
         idx = graph.outputs.index(old)

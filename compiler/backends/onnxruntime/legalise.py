@@ -12,7 +12,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compiler.backends.onnxruntime import gqa
+from compiler.backends.onnxruntime import gqa, skip_norm
 
 log = logging.getLogger("kiln.backends.onnxruntime")
 
@@ -28,6 +28,19 @@ def legalise(model: ir.Model, cfg) -> ir.Model:
         lens = gqa.lengths(graph, next(v for v in graph.inputs if v.name == "position_ids"))
         for m in usable:
             gqa.replace(graph, m, (cfg.num_heads, cfg.num_kv_heads), lens)
-        model.opset_imports["com.microsoft"] = 1
+    _skip_norms(graph)
+    model.opset_imports["com.microsoft"] = 1
     RemoveUnusedNodesPass()(model)
     return model
+
+
+def _skip_norms(graph: ir.Graph) -> None:
+    for norm in list(graph):
+        add = skip_norm.match(norm)
+        if add is None:
+            continue
+        why = skip_norm.check(norm, add)
+        if why:
+            log.warning("SkipSimplifiedLayerNormalization: %s refused: %s", norm.name, why)
+            continue
+        skip_norm.replace(graph, norm, add)

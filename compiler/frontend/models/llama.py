@@ -133,9 +133,8 @@ def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
     cache_shape = ["batch", c.num_kv_heads, max_seq, c.head_dim]
     pasts = [(b.input(f"past_key.{i}", ir.DataType.FLOAT, cache_shape), b.input(f"past_value.{i}", ir.DataType.FLOAT, cache_shape))
              for i in range(c.num_layers)]
-    embed = w.get(WEIGHTS["embed"], (c.vocab_size, c.hidden_size))
     with b.scope("embed"):
-        x = b.op("Gather", [embed, input_ids], "Gather", axis=0)  # [B, S, H]
+        x, table = _embed(b, w, c, input_ids)
     presents = []
     for i in range(c.num_layers):
         with b.scope(f"layers.{i}"):
@@ -144,7 +143,7 @@ def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
     with b.scope("norm"):
         x = L.rms_norm(b, x, w.get(WEIGHTS["norm"], (c.hidden_size,)), c.rms_norm_eps)
     with b.scope("lm_head"):
-        logits = _lm_head(b, w, c, x, embed)
+        logits = L.linear(b, x, table)  # [B, S, V]
     b.output(logits, "logits")
     for i, (pk, pv) in enumerate(presents):
         b.output(pk, f"present_key.{i}")
@@ -152,21 +151,21 @@ def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
     return b.model()
 
 
-def _lm_head(b: GraphBuilder, w: Weights, c: LlamaConfig, x: ir.Value, embed: ir.Value) -> ir.Value:
-    """x [B, S, H] -> logits [B, S, V]; tied embeddings reuse the [V, H] table via Gemm transB."""
-    if c.tie_word_embeddings or not w.has(WEIGHTS["lm_head"]):
-        if not c.tie_word_embeddings:
-            raise KilnError(f"checkpoint {w.ckpt.root} lacks weight {WEIGHTS['lm_head']}",
-                            "use the complete checkpoint, or set tie_word_embeddings in config.json")
-        table = embed
-    else:
-        table = w.get(WEIGHTS["lm_head"], (c.vocab_size, c.hidden_size))
-    flat = b.op("Reshape", [x, b.const(np.array([-1, c.hidden_size]), "flat_shape")], "flatten")
-    y = b.op("Gemm", [flat, table], "Gemm", transB=1)  # [B*S, V]
-    shape = b.op("Shape", [x], "shape", start=0, end=2)
-    out_shape = b.op("Concat", [shape, b.const(np.array([c.vocab_size]), "vocab")], "logits_shape", axis=0)
-    return b.op("Reshape", [y, out_shape], "unflatten")
+def _embed(b: GraphBuilder, w: Weights, c: LlamaConfig, input_ids: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Token embeddings [B, S, H] and the lm_head table [H, V] for MatMul (faster than Gemm transB on CPU).
 
+    Tied embeddings keep one [H, V] copy: the lookup gathers its columns and transposes."""
+    tied = c.tie_word_embeddings or not w.has(WEIGHTS["lm_head"])
+    if tied and not c.tie_word_embeddings:
+        raise KilnError(f"checkpoint {w.ckpt.root} lacks weight {WEIGHTS['lm_head']}",
+                        "use the complete checkpoint, or set tie_word_embeddings in config.json")
+    if tied:
+        table = w.get(WEIGHTS["embed"], (c.vocab_size, c.hidden_size), transpose=True)  # [H, V]
+        cols = b.op("Gather", [table, input_ids], "Gather", axis=1)  # [H, B, S]
+        return b.op("Transpose", [cols], "Transpose", perm=[1, 2, 0]), table
+    embed = w.get(WEIGHTS["embed"], (c.vocab_size, c.hidden_size))
+    table = w.get(WEIGHTS["lm_head"], (c.vocab_size, c.hidden_size), transpose=True)
+    return b.op("Gather", [embed, input_ids], "Gather", axis=0), table
 
 ARCH = "LlamaForCausalLM"
 
