@@ -100,3 +100,13 @@ def swiglu(b: GraphBuilder, gate: ir.Value, up: ir.Value) -> ir.Value:
     """silu(gate) * up, [B, S, I]."""
     act = b.op("Swish", [gate], "act", alpha=1.0)
     return b.op("Mul", [act, up], "gate_mul")
+
+
+def select_positions(b: GraphBuilder, x: ir.Value) -> ir.Value:
+    """x [B, S, H] -> [B, K, H] at input `logits_positions` [B, K] (indices into S).
+
+    Prefill asks for each row's last real token only, which skips K/S of the lm_head work."""
+    positions = b.input("logits_positions", ir.DataType.INT64, ["batch", "logits"])
+    with b.scope("select"):
+        idx = b.op("Unsqueeze", [positions, b.const(np.array([-1]), "last_axis")], "indices")  # [B, K, 1]
+        return b.op("GatherND", [x, idx], "GatherND", batch_dims=1)

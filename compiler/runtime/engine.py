@@ -107,8 +107,7 @@ class Engine:
         pad = self.config.generation.pad_token_id
         input_ids = np.array([x + [pad] * (S - len(x)) for x in ids], dtype=np.int64)  # [B, S]
         t0 = time.perf_counter()
-        logits = self.session.step(io, input_ids, np.broadcast_to(np.arange(S), (B, S)))
-        last = logits[np.arange(B), lens - 1]  # [B, V]
+        last = self.session.step(io, input_ids, np.broadcast_to(np.arange(S), (B, S)), (lens - 1)[:, None])[:, 0]  # [B, V]
         timing.prefill_ms = (time.perf_counter() - t0) * 1e3
 
         active = np.ones(B, dtype=bool)

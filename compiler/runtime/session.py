@@ -75,10 +75,16 @@ class DecoderSession:
                 io.bind_ortvalue_output(pattern_out.format(i=i), buf)
         return io
 
-    def step(self, io: ort.IOBinding, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run input_ids/position_ids [B, S] int64 through the engine; returns logits [B, S, V]."""
+    def step(self, io: ort.IOBinding, input_ids: np.ndarray, position_ids: np.ndarray,
+             logits_positions: np.ndarray | None = None) -> np.ndarray:
+        """Run input_ids/position_ids [B, S] int64 through the engine; returns logits [B, K, V]
+        at logits_positions [B, K] (indices into S; default: the last column)."""
+        B, S = input_ids.shape
+        if logits_positions is None:
+            logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        io.bind_cpu_input("logits_positions", np.ascontiguousarray(logits_positions, dtype=np.int64))
         io.bind_output("logits")  # rebinding keeps index 0; ORT allocates it for this run's shape
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()

@@ -125,7 +125,7 @@ def _layer(b: GraphBuilder, w: Weights, c: LlamaConfig, i: int, x: ir.Value, inp
 
 
 def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
-    """The decoder graph: input_ids, position_ids, past caches -> logits, present caches."""
+    """The decoder graph: input_ids, position_ids, logits_positions, past caches -> logits, present caches."""
     b = GraphBuilder("kiln_decoder")
     w = Weights(ckpt, b)
     input_ids = b.input("input_ids", ir.DataType.INT64, ["batch", "seq"])
@@ -140,10 +140,11 @@ def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
         with b.scope(f"layers.{i}"):
             x, pk, pv = _layer(b, w, c, i, x, inp, pasts[i])
         presents.append((pk, pv))
+    x = L.select_positions(b, x)  # [B, K, H]: only the positions whose logits are wanted
     with b.scope("norm"):
         x = L.rms_norm(b, x, w.get(WEIGHTS["norm"], (c.hidden_size,)), c.rms_norm_eps)
     with b.scope("lm_head"):
-        logits = L.linear(b, x, table)  # [B, S, V]
+        logits = L.linear(b, x, table)  # [B, K, V]
     b.output(logits, "logits")
     for i, (pk, pv) in enumerate(presents):
         b.output(pk, f"present_key.{i}")

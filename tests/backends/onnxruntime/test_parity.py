@@ -22,7 +22,8 @@ def engine_logits(engine, ids: np.ndarray) -> np.ndarray:
     s = engine.session
     cache = s.new_cache(ids.shape[0])
     io = s.binding(cache)
-    return s.step(io, ids, np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+    every = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    return s.step(io, ids, every, every)  # logits at every position
 
 
 @pytest.mark.parametrize("graph", ["standard", "contrib"])
