@@ -46,6 +46,7 @@ def _run(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if not args.quiet:
         print(engine.last_generation.timing.summary(), file=sys.stderr)
     return 0
