@@ -97,8 +97,10 @@ def cached_attention(
 
 
 def swiglu(b: GraphBuilder, gate: ir.Value, up: ir.Value) -> ir.Value:
-    """silu(gate) * up, [B, S, I]."""
-    act = b.op("Swish", [gate], "act", alpha=1.0)
+    """silu(gate) * up, [B, S, I]. SiLU as x * Sigmoid(x): ONNX Runtime 1.31 has no Swish-24 kernel
+    (it inlines Swish with a Cast per layer) but fuses this pair into one kernel."""
+    sig = b.op("Sigmoid", [gate], "act_sigmoid")
+    act = b.op("Mul", [gate, sig], "act")
     return b.op("Mul", [act, up], "gate_mul")
 
 

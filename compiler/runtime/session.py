@@ -65,26 +65,43 @@ class DecoderSession:
         vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         return KVCache(batch, vals[0::2], vals[1::2], arrays)
 
-    def binding(self, cache: KVCache) -> ort.IOBinding:
+    def binding(self, cache: KVCache) -> "Binding":
         kv, io = self.cfg.kv_cache, self.session.io_binding()
-        io.bind_output("logits")  # first bound output: index 0 of get_outputs(); allocated per run
         for i in range(kv.num_layers):
             for pattern_in, pattern_out, buf in ((kv.key_input, kv.key_output, cache.keys[i]),
                                                  (kv.value_input, kv.value_output, cache.values[i])):
                 io.bind_ortvalue_input(pattern_in.format(i=i), buf)
                 io.bind_ortvalue_output(pattern_out.format(i=i), buf)
-        return io
+        return Binding(io)
 
-    def step(self, io: ort.IOBinding, input_ids: np.ndarray, position_ids: np.ndarray,
+    def step(self, binding: "Binding", input_ids: np.ndarray, position_ids: np.ndarray,
              logits_positions: np.ndarray | None = None) -> np.ndarray:
         """Run input_ids/position_ids [B, S] int64 through the engine; returns logits [B, K, V]
-        at logits_positions [B, K] (indices into S; default: the last column)."""
+        at logits_positions [B, K] (indices into S; default: the last column). The returned
+        array is the bound output buffer: valid until the next step."""
         B, S = input_ids.shape
         if logits_positions is None:
             logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
+        io = binding.io
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         io.bind_cpu_input("logits_positions", np.ascontiguousarray(logits_positions, dtype=np.int64))
-        io.bind_output("logits")  # rebinding keeps index 0; ORT allocates it for this run's shape
+        logits = binding.logits_buffer((B, logits_positions.shape[1], self.cfg.vocab_size))
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        return logits
+
+
+class Binding:
+    """An IO binding with the caches bound in place and a reusable logits buffer per shape."""
+
+    def __init__(self, io: ort.IOBinding):
+        self.io = io
+        self._shape: tuple[int, ...] | None = None
+        self._logits: np.ndarray | None = None
+
+    def logits_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        if shape != self._shape:  # decode steps keep one shape: bound once, written in place
+            self._logits = np.empty(shape, dtype=np.float32)
+            self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+            self._shape = shape
+        return self._logits
