@@ -20,6 +20,7 @@ TINY_ARCHS = {
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
+    "mistral_window16": ("MistralConfig", {"sliding_window": 16}),  # prompts and decode run past the window
     "qwen2": ("Qwen2Config", {}),
 }
 

@@ -84,7 +84,7 @@ def _window(mask: ir.Value) -> int:
         inside = node.inputs[1].producer()
         sub = inside.inputs[1].producer() if inside is not None else None
         if sub is not None and sub.op_type == "Sub" and sub.inputs[1].const_value is not None:
-            return int(sub.inputs[1].const_value.numpy())
+            return int(sub.inputs[1].const_value.numpy().reshape(-1)[0])
     return -2
 
 
