@@ -14,6 +14,7 @@ import platform
 import resource
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -45,14 +46,15 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
                         "lower max_seq in the recipe")
     model = arch.build(cfg, ckpt, recipe.max_seq)
-    pm = PassManager(make(recipe.passes), dump_dir=dump_ir)
+    pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress), dump_dir=dump_ir)
     model = pm.run(model)
     flavour = "standard"
     if recipe.onnxruntime.graph == "contrib":
         model = legalise(model, cfg)
         flavour = "ort-contrib"
     facts = ort_backend.ModelFacts(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, _generation(ckpt))
-    session = SessionConfig(intra_op_threads=recipe.onnxruntime.intra_op_threads)
+    entries = {"session.qdq_matmulnbits_accuracy_level": str(recipe.onnxruntime.int4_accuracy_level)}
+    session = SessionConfig(intra_op_threads=recipe.onnxruntime.intra_op_threads, config_entries=entries)
 
     dest = out_root / recipe.name
     out_root.mkdir(parents=True, exist_ok=True)
@@ -63,6 +65,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
                                   session=session, graph_flavour=flavour, progress=progress)
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
+        quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization else None
         manifest = {
             "kiln_version": __version__,
             "name": recipe.name,
@@ -71,6 +74,8 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
             "backend": {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour},
             "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
             "graph": {"nodes": len(model.graph), "passes": [asdict(r) for r in pm.records]},
+            "quantization": recipe.quantization.model_dump(mode="json") if recipe.quantization else None,
+            "quality": quality,
             "build": {
                 "seconds": round(time.perf_counter() - t0, 2),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -86,6 +91,44 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -> list:
+    """The recipe's quantisation pass (after calibration, if its scheme needs it) and a cleanup."""
+    if recipe.quantization is None:
+        return []
+    from compiler.passes.cleanup import DeadCodeElimination
+    from compiler.passes.quant import needs_calibration, quantizer
+
+    stats = None
+    if needs_calibration(recipe.quantization):
+        from compiler.passes.quant.calibrate_model import calibrate
+
+        stats = calibrate(recipe, arch, cfg, ckpt, progress)
+    return [quantizer(recipe.quantization, stats), DeadCodeElimination()]
+
+
+def _quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) -> dict:
+    """Perplexity, top-1 agreement and KL vs the fp32 engine; a violated limit fails the build."""
+    from compiler.evaluate import evaluate
+
+    q = recipe.quality
+    res = evaluate(artifact, reference=source, text_path=Path(q.text) if q.text else None, window=q.window, progress=progress)
+    figures = res.to_dict()
+    figures["ppl_increase_pct"] = 100.0 * (res.perplexity / res.reference_perplexity - 1.0)
+    failed = []
+    if q.max_ppl_increase_pct is not None and figures["ppl_increase_pct"] > q.max_ppl_increase_pct:
+        failed.append(f"perplexity +{figures['ppl_increase_pct']:.2f}% > +{q.max_ppl_increase_pct}%")
+    if q.min_top1_agreement is not None and res.top1_agreement < q.min_top1_agreement:
+        failed.append(f"top-1 agreement {res.top1_agreement:.4f} < {q.min_top1_agreement}")
+    summary = (f"quality: perplexity {res.perplexity:.3f} vs fp32 {res.reference_perplexity:.3f} "
+               f"({figures['ppl_increase_pct']:+.2f}%), top-1 agreement {res.top1_agreement:.4f}, mean KL {res.mean_kl:.5f}")
+    if failed:
+        raise KilnError(f"{recipe.name}: quality limit violated: {'; '.join(failed)} [{summary}]",
+                        "relax quality limits in the recipe or choose a more precise scheme")
+    if progress:
+        print(summary, file=sys.stderr)
+    return figures
 
 
 def _generation(ckpt: Checkpoint) -> GenerationDefaults:

@@ -1,4 +1,4 @@
-"""The `kiln` command: build, run, inspect, import.
+"""The `kiln` command: build, run, inspect, eval, import.
 
 User errors (KilnError, or a runtime ValueError/FileNotFoundError) print one line
 `kiln: error: ...` on stderr and exit 2, with no traceback. `--json` prints machine-readable
@@ -60,6 +60,16 @@ def _inspect(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from compiler.evaluate import evaluate
+
+    res = evaluate(Path(args.artifact), Path(args.reference) if args.reference else None,
+                   Path(args.text) if args.text else None, window=args.window, threads=args.threads,
+                   progress=not args.quiet)
+    print(json.dumps(res.to_dict()) if args.json else res.table())
+    return 0
+
+
 def _import(args) -> int:
     from compiler.frontend.gguf_import import import_gguf
 
@@ -102,6 +112,13 @@ def parser() -> argparse.ArgumentParser:
     i = cmd("inspect", _inspect, "print an artifact's manifest and graph summary")
     i.add_argument("artifact")
 
+    e = cmd("eval", _eval, "perplexity of an artifact on a fixed token window, optionally against a reference")
+    e.add_argument("artifact")
+    e.add_argument("--reference", metavar="ARTIFACT_OR_CHECKPOINT", help="artifact dir, or checkpoint dir (built to fp32)")
+    e.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: Python's pydoc topics)")
+    e.add_argument("--window", type=int, default=2048, help="tokens scored (default: 2048)")
+    e.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
+
     m = cmd("import", _import, "import a GGUF file into a Hugging Face checkpoint directory")
     m.add_argument("gguf")
     m.add_argument("out_dir")
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
-        if args.command not in ("run", "inspect"):
+        if args.command not in ("run", "inspect", "eval"):
             raise
         print(f"kiln: error: {e}", file=sys.stderr)
     except ImportError as e:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compiler.errors import KilnError
+from compiler.passes.quant import QuantConfig
 
 SCHEMA_VERSION = 1
 
@@ -25,6 +26,17 @@ class OnnxRuntimeOptions(_Strict):
     # "contrib": legalise to ONNX Runtime's fused CPU kernels; "standard": keep the standard-op graph
     graph: Literal["contrib", "standard"] = "contrib"
     intra_op_threads: int = Field(0, ge=0, description="0 = physical cores of the machine that loads the engine")
+    # MatMulNBits compute for int4 weights: 0 = fp32 activations, 4 = int8 activations (fastest)
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+
+
+class QualityLimits(_Strict):
+    """Build-time quality gate of a quantised engine against the fp32 engine of the same source."""
+
+    window: int = Field(2048, ge=16, description="evaluation tokens (stdlib text unless text is set)")
+    text: str | None = None
+    max_ppl_increase_pct: float | None = Field(None, ge=0)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
 
 
 class Recipe(_Strict):
@@ -37,6 +49,8 @@ class Recipe(_Strict):
     max_seq: int = Field(2048, gt=0, le=131072)
     passes: list[str] = ["merge_qkv", "merge_gate_up", "dedupe_constants", "dce", "shape_inference"]
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+    quantization: QuantConfig | None = None
+    quality: QualityLimits = QualityLimits()
 
     @field_validator("passes")
     @classmethod

@@ -44,6 +44,7 @@ class SessionConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization_level: str = "ORT_ENABLE_ALL"
+    config_entries: dict = field(default_factory=dict)  # SessionOptions.add_session_config_entry
 
 
 @dataclass(frozen=True)

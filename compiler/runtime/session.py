@@ -52,6 +52,8 @@ class DecoderSession:
         so.inter_op_num_threads = cfg.session.inter_op_threads
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg.session.graph_optimization_level)
         so.log_severity_level = 3
+        for key, value in cfg.session.config_entries.items():
+            so.add_session_config_entry(key, value)
         available = ort.get_available_providers()
         if cfg.session.execution_provider not in available:
             raise RuntimeError(f"this engine needs {cfg.session.execution_provider}, which this onnxruntime lacks ({available})")

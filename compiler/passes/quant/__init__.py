@@ -1,0 +1,33 @@
+"""Quantisation schemes: one module each, with a typed config selected by `scheme` in the recipe.
+
+  int4-rtn  rtn.py         blockwise int4, round to nearest
+  int4-awq  awq.py         activation-aware scales + clipping search, then blockwise int4
+  int8-wo   int8_wo.py     per-channel int8 weights
+  int8-sq   smoothquant.py SmoothQuant W8A8 (static per-tensor activation scales)
+  fp8       fp8.py         E4M3 weights per channel + static per-tensor activation scales
+All emit standard QDQ (qdq.py); calibration statistics come from calibration.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from compiler.passes.quant.awq import Int4Awq, Int4AwqConfig
+from compiler.passes.quant.int8_wo import Int8WeightOnly, Int8WoConfig
+from compiler.passes.quant.rtn import Int4Rtn, Int4RtnConfig
+
+QuantConfig = Annotated[Union[Int4RtnConfig, Int4AwqConfig, Int8WoConfig], Field(discriminator="scheme")]
+
+_PASSES = {"int4-rtn": Int4Rtn, "int4-awq": Int4Awq, "int8-wo": Int8WeightOnly}
+
+
+def needs_calibration(cfg) -> bool:
+    return getattr(cfg, "calibration", None) is not None
+
+
+def quantizer(cfg, stats: dict | None = None):
+    """The quantisation pass for `cfg` (stats: calibration statistics per MatMul name)."""
+    cls = _PASSES[cfg.scheme]
+    return cls(cfg, stats) if needs_calibration(cfg) else cls(cfg)

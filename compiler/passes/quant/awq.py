@@ -1,0 +1,168 @@
+"""int4-awq: activation-aware weight quantisation (AWQ, arXiv 2306.00978), then blockwise int4.
+
+For each set of linears that read one activation X [T, K] (after the merge passes: qkv, gate/up,
+o_proj, down_proj, lm_head):
+1. Scale search: s = mean|X|^a (a on a grid in [0, 1), normalised), weights W*s quantised and
+   divided back; keep the a whose output X @ Wq best matches X @ W on calibration rows. The
+   1/s is folded into whatever produces X: the RMSNorm scale, or the `up` columns of the weight
+   feeding `act(gate) * up`. Where nothing can absorb it (o_proj under GQA), s = 1.
+2. Clipping search: per block, shrink the quantisation range by r in [clip_min, 1] and keep the r
+   with the least output error on the block's slice of X.
+Statistics (mean |X| per channel, sampled rows) come from layer-by-layer calibration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from compiler.passes.base import PassResult
+from compiler.passes.quant import qdq
+from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel
+from compiler.passes.quant.int4 import fake_quantize, quantize
+
+
+class Int4AwqConfig(SchemeConfig):
+    scheme: Literal["int4-awq"]
+    group_size: Literal[32, 64, 128] = 128
+    symmetric: bool = True
+    calibration: Calibration = Calibration()
+    grid: int = Field(20, ge=1, le=100, description="scale-search steps for the exponent a in [0, 1)")
+    clip_min: float = Field(0.7, gt=0, le=1, description="smallest range ratio tried by the clipping search")
+    clip_steps: int = Field(7, ge=1, le=50)
+    search_rows: int = Field(128, ge=8, description="calibration rows used by the searches")
+
+
+@dataclass
+class _Sink:
+    """Where 1/s goes: a constant tensor whose slice [cols] along `axis` is divided by s."""
+
+    value: ir.Value
+    axis: int  # 0 for a norm scale [K]; 1 for weight columns [H, N]
+    start: int
+
+
+def _sink(x: ir.Value) -> _Sink | None:
+    node = x.producer()
+    if node is None:
+        return None
+    if node.op_type == "RMSNormalization" and node.inputs[1].const_value is not None:
+        return _Sink(node.inputs[1], 0, 0)
+    if node.op_type == "Mul":  # act(gate) * up: scale the weight columns that produce `up`
+        up = node.inputs[1]
+        prod = up.producer()
+        if prod is not None and prod.op_type == "Split" and prod.inputs[0].producer() is not None:
+            mm, j = prod.inputs[0].producer(), list(prod.outputs).index(up)
+            sizes = prod.inputs[1].const_value.numpy() if len(prod.inputs) > 1 and prod.inputs[1] is not None else None
+            if mm.op_type == "MatMul" and mm.inputs[1].const_value is not None and sizes is not None:
+                return _Sink(mm.inputs[1], 1, int(sizes[:j].sum()))
+        if prod is not None and prod.op_type == "MatMul" and prod.inputs[1].const_value is not None:
+            return _Sink(prod.inputs[1], 1, 0)
+    return None
+
+
+def _set(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.Tensor(np.ascontiguousarray(array, dtype=np.float32), name=value.name)
+
+
+class Int4Awq:
+    name = "quantize_int4_awq"
+
+    def __init__(self, cfg: Int4AwqConfig, stats: dict):
+        self.cfg, self.stats = cfg, stats
+        rows = next(iter(stats.values())).rows
+        self.pick = np.random.default_rng(0).permutation(len(rows))[: cfg.search_rows]
+
+    def _fq(self, w: np.ndarray, clip=None) -> np.ndarray:
+        return fake_quantize(w, self.cfg.group_size, self.cfg.symmetric, clip)
+
+    def search_scale(self, x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+        """s [K] minimising sum_i |X (fq(W_i s) / s) - X W_i|^2."""
+        refs = [x @ w for w in weights]
+        best, best_s = np.inf, np.ones(len(mean_abs), dtype=np.float32)
+        base = np.maximum(mean_abs, 1e-4)
+        for a in np.arange(self.cfg.grid) / self.cfg.grid:
+            s = base**a
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+            loss = sum(float(np.mean((x @ (self._fq(w * s[:, None]) / s[:, None]) - r) ** 2)) for w, r in zip(weights, refs))
+            if loss < best:
+                best, best_s = loss, s
+        return best_s
+
+    def search_clip(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Per-block range ratio [G, N] minimising each block's output error on X [T, K]."""
+        g, K = self.cfg.group_size, w.shape[0]
+        G = -(-K // g)
+        best_err = np.full((G, w.shape[1]), np.inf)
+        best = np.ones((G, w.shape[1]), dtype=np.float32)
+        for r in np.linspace(1.0, self.cfg.clip_min, self.cfg.clip_steps):
+            diff = w - self._fq(w, np.full((G, w.shape[1]), r, dtype=np.float32))  # [K, N]
+            err = np.stack([((x[:, b * g:(b + 1) * g] @ diff[b * g:(b + 1) * g]) ** 2).sum(0) for b in range(G)])  # [G, N]
+            better = err < best_err
+            best_err[better], best[better] = err[better], r
+        return best
+
+    def run(self, model: ir.Model) -> PassResult:
+        graph, groups = model.graph, {}
+        for lin in qdq.linears(graph):
+            groups.setdefault(id(lin.node.inputs[0]), []).append(lin)
+        counts = {"scaled": 0, "unscaled": 0, "fp32": 0, "int8": 0}
+        todo = {key: self._split_overrides(graph, lins, counts) for key, lins in groups.items()}
+        # Scales first, last layer first: a fold into `up` columns must land before those
+        # weights are searched and quantised themselves.
+        scales = {key: self._scale(lins, len(lins) == len(groups[key])) for key, lins in reversed(todo.items()) if lins}
+        for key, lins in todo.items():
+            if lins:
+                self._clip_and_quantize(graph, lins, scales[key], counts)
+        note = (f"{counts['scaled']} linears scaled + clipped, {counts['unscaled']} clipped only (no place to fold "
+                f"the scale), {counts['int8']} int8, {counts['fp32']} fp32 by override")
+        return PassResult(model, True, [note])
+
+    def _split_overrides(self, graph: ir.Graph, lins: list[qdq.Linear], counts: dict) -> list[qdq.Linear]:
+        """Applies overrides; returns the linears left for AWQ."""
+        todo = []
+        for lin in lins:
+            precision = self.cfg.precision_of(lin.node.name)
+            if precision == "int8":
+                qdq.use_int8(graph, lin, *int8_per_channel(lin.read()))
+            if precision is None:
+                todo.append(lin)
+            else:
+                counts[precision] += 1
+        return todo
+
+    def _rows(self, lin: qdq.Linear) -> np.ndarray:
+        return self.stats[lin.node.name].rows[self.pick].astype(np.float32)  # [T, K]
+
+    def _scale(self, lins: list[qdq.Linear], whole_group: bool) -> np.ndarray | None:
+        """Search s for a group sharing one input and fold it; None when it cannot be folded."""
+        private = all(len(list(lin.weight.uses())) == 1 for lin in lins)  # a tied table must stay as is
+        sink = _sink(lins[0].node.inputs[0]) if whole_group and private else None
+        if sink is None:
+            return None
+        weights = [lin.read() for lin in lins]
+        s = self.search_scale(self._rows(lins[0]), self.stats[lins[0].node.name].mean_abs, weights)
+        self._fold(sink, s)
+        for lin, w in zip(lins, weights):
+            _set(lin.weight, w * s[:, None])
+        return s
+
+    def _clip_and_quantize(self, graph: ir.Graph, lins: list[qdq.Linear], s: np.ndarray | None, counts: dict) -> None:
+        x = self._rows(lins[0]) if s is None else self._rows(lins[0]) / s
+        for lin in lins:
+            w = lin.read()
+            qdq.use_int4(graph, lin, quantize(w, self.cfg.group_size, self.cfg.symmetric, self.search_clip(x, w)))
+            counts["scaled" if s is not None else "unscaled"] += 1
+
+    @staticmethod
+    def _fold(sink: _Sink, s: np.ndarray) -> None:
+        arr = np.array(sink.value.const_value.numpy(), dtype=np.float32)
+        if sink.axis == 0:
+            arr = arr / s
+        else:
+            arr[:, sink.start:sink.start + len(s)] /= s
+        _set(sink.value, arr)

@@ -1,0 +1,80 @@
+"""What every quantisation scheme shares: its recipe config base, per-layer overrides, and the
+loop over the graph's linear layers.
+
+Overrides keep chosen linears at higher precision, matched by node-name glob, e.g.
+`{match: "/lm_head/*", precision: fp32}` or `{match: "/layers.0/*", precision: int8}`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict, Field
+
+from compiler.passes.base import PassResult
+from compiler.passes.quant import qdq
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Override(_Strict):
+    match: str = Field(description="glob on MatMul node names, e.g. '/lm_head/*' or '/layers.0/*'")
+    precision: Literal["fp32", "int8"] = "fp32"
+
+
+class Calibration(_Strict):
+    source: str = Field("stdlib", description="'stdlib' (English text shipped with Python) or a text file")
+    samples: int = Field(16, gt=0, le=1024)
+    seq_len: int = Field(512, ge=16, le=8192)
+
+
+class SchemeConfig(_Strict):
+    overrides: list[Override] = []
+
+    def precision_of(self, name: str) -> str | None:
+        """The override's precision for this linear, or None to apply the scheme."""
+        for o in self.overrides:
+            if qdq.matches(name, [o.match]):
+                return o.precision
+        return None
+
+
+def int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel: w [K, N] -> (q int8 [K, N], scale [N])."""
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+
+
+class WeightQuantizer:
+    """Base pass: quantise each linear's weight via `quantize_linear`, honouring overrides."""
+
+    name = "quantize"
+
+    def __init__(self, cfg: SchemeConfig):
+        self.cfg = cfg
+
+    def quantize_linear(self, graph: ir.Graph, lin: qdq.Linear) -> None:
+        raise NotImplementedError
+
+    def run(self, model: ir.Model) -> PassResult:
+        graph, counts = model.graph, {"scheme": 0, "int8": 0, "fp32": 0}
+        for lin in qdq.linears(graph):
+            precision = self.cfg.precision_of(lin.node.name)
+            if precision == "fp32":
+                counts["fp32"] += 1
+                continue
+            if precision == "int8":
+                qdq.use_int8(graph, lin, *int8_per_channel(lin.read()))
+                counts["int8"] += 1
+            else:
+                self.quantize_linear(graph, lin)
+                counts["scheme"] += 1
+            if not list(lin.weight.uses()):
+                graph.initializers.pop(lin.weight.name, None)
+        note = f"{counts['scheme']} linears quantised, {counts['int8']} kept int8, {counts['fp32']} kept fp32"
+        return PassResult(model, counts["scheme"] + counts["int8"] > 0, [note])
