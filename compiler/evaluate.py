@@ -12,8 +12,10 @@ This is the quality gate for quantised builds.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +28,9 @@ import numpy as np
 
 from compiler.errors import KilnError
 from compiler.runtime import load
+from compiler.runtime.config import EngineConfig
 from compiler.runtime.engine import Engine
+from compiler.runtime.text import Text
 
 DEFAULT_SOURCE = "pydoc_data.topics"
 
@@ -83,28 +87,33 @@ def evaluate(artifact: Path, reference: Path | None = None, text_path: Path | No
     t0 = time.perf_counter()
     if window < 1 or chunk < 1:
         raise KilnError(f"window ({window}) and chunk ({chunk}) must be positive", "pass --window N with N >= 1")
-    engine = _load_artifact(Path(artifact), threads, window)
+    _check_window(Path(artifact), window)
     text, source = _read_text(text_path)
-    all_ids = engine.text.encode(text)
+    tokens = Text(Path(artifact))
+    all_ids = tokens.encode(text)
     if len(all_ids) < window + 1:
         raise KilnError(f"the text has {len(all_ids)} tokens, fewer than window + 1 = {window + 1}",
                         "lower --window or pass a longer --text")
     ids = np.asarray(all_ids[: window + 1], dtype=np.int64)  # [window + 1]
+    chunk = min(chunk, window)
 
     with ExitStack() as stack:
-        ref = None
-        if reference is not None:
+        spill, ref_nll = None, 0.0
+        if reference is not None:  # the reference runs first, alone: one engine in memory at a time
             ref = _reference(Path(reference), window, threads, stack)
-            _check_compatible(engine, ref, text, ids)
-        stats = _score(engine, ref, ids, min(chunk, window), progress)
-
-    nll, ref_nll, agree, kl = stats
+            _check_compatible(EngineConfig.load(Path(artifact) / "engine.json"), ref, text, ids)
+            spill = stack.enter_context(tempfile.TemporaryFile(prefix="kiln-eval-ref."))
+            ref_nll = _spill_reference(ref, ids, chunk, spill, progress)
+            del ref
+            gc.collect()
+        stats = _score(_load_artifact(Path(artifact), threads, window), spill, ids, chunk, progress)
+    nll, agree, kl = stats
     return EvalResult(
         tokens=window,
         perplexity=math.exp(nll / window),
-        reference_perplexity=None if ref is None else math.exp(ref_nll / window),
-        top1_agreement=None if ref is None else agree / window,
-        mean_kl=None if ref is None else kl / window,
+        reference_perplexity=None if reference is None else math.exp(ref_nll / window),
+        top1_agreement=None if reference is None else agree / window,
+        mean_kl=None if reference is None else kl / window,
         window=window,
         text_source=source,
         seconds=time.perf_counter() - t0,
@@ -112,32 +121,44 @@ def evaluate(artifact: Path, reference: Path | None = None, text_path: Path | No
 
 
 # -- the scoring loop -------------------------------------------------------------------------
-def _score(engine: Engine, ref: Engine | None, ids: np.ndarray, chunk: int,
-           progress: bool) -> tuple[float, float, int, float]:
-    """Chunked prefill of ids[:-1] through engine (and ref, in lockstep); returns
-    (sum NLL, reference sum NLL, top-1 agreements, sum KL(ref || engine))."""
+def _chunks(engine: Engine, ids: np.ndarray, chunk: int, progress: bool, label: str) -> Iterator:
+    """Chunked prefill of ids[:-1]: yields (targets [K], log-probabilities [K, V] float64)."""
     window = len(ids) - 1
     inputs, targets = ids[:-1], ids[1:]  # [W], [W]
     positions = np.arange(window, dtype=np.int64)  # [W]
-    runs = [(e, e.session.binding(e.session.new_cache(1))) for e in ([engine] if ref is None else [engine, ref])]
-    nll = ref_nll = kl = 0.0
-    agree = 0
-    with _bar(progress, (window + chunk - 1) // chunk) as tick:
+    binding = engine.session.binding(engine.session.new_cache(1))
+    with _bar(progress, (window + chunk - 1) // chunk, label) as tick:
         for s in range(0, window, chunk):
             e = min(s + chunk, window)
-            k = np.arange(e - s, dtype=np.int64)  # [K] every position of the chunk
-            tgt = targets[s:e]  # [K]
-            # each step's logits [1, K, V] live in a reused buffer: consumed here by the float64 copy
-            logp = [_log_softmax(eng.session.step(b, inputs[None, s:e], positions[None, s:e], k[None])[0])
-                    for eng, b in runs]  # each [K, V] float64
-            nll -= float(logp[0][k, tgt].sum())
-            if ref is not None:
-                lt, lr = logp
-                ref_nll -= float(lr[k, tgt].sum())
-                agree += int((lt.argmax(-1) == lr.argmax(-1)).sum())
-                kl += float((np.exp(lr) * (lr - lt)).sum())
+            k = np.arange(e - s, dtype=np.int64)[None]  # [1, K] every position of the chunk
+            # the step's logits [1, K, V] live in a reused buffer: consumed here by the float64 copy
+            yield targets[s:e], _log_softmax(engine.session.step(binding, inputs[None, s:e], positions[None, s:e], k)[0])
             tick()
-    return nll, ref_nll, agree, kl
+
+
+def _spill_reference(ref: Engine, ids: np.ndarray, chunk: int, spill, progress: bool) -> float:
+    """Writes the reference's log-probabilities (float32, chunk after chunk) to `spill`;
+    returns its summed NLL (from the float64 values)."""
+    nll = 0.0
+    for tgt, lp in _chunks(ref, ids, chunk, progress, "reference"):
+        nll -= float(lp[np.arange(len(tgt)), tgt].sum())
+        spill.write(lp.astype(np.float32).tobytes())
+    spill.seek(0)
+    return nll
+
+
+def _score(engine: Engine, spill, ids: np.ndarray, chunk: int, progress: bool) -> tuple[float, int, float]:
+    """Returns (sum NLL, top-1 agreements, sum KL(ref || engine)) against the spilled reference."""
+    nll = kl = 0.0
+    agree = 0
+    for tgt, lt in _chunks(engine, ids, chunk, progress, "evaluating"):
+        k = np.arange(len(tgt))
+        nll -= float(lt[k, tgt].sum())
+        if spill is not None:
+            lr = np.frombuffer(spill.read(lt.size * 4), dtype=np.float32).reshape(lt.shape).astype(np.float64)
+            agree += int((lt.argmax(-1) == lr.argmax(-1)).sum())
+            kl += float((np.exp(lr) * (lr - lt)).sum())
+    return nll, agree, kl
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -149,7 +170,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def _bar(progress: bool, total: int) -> Iterator:
+def _bar(progress: bool, total: int, label: str = "evaluating") -> Iterator:
     """Yield `tick()`; with progress=True a rich bar over the chunks on stderr."""
     if not progress:
         yield lambda: None
@@ -160,21 +181,26 @@ def _bar(progress: bool, total: int) -> Iterator:
     except ImportError:  # runtime-only install: no bar
         yield lambda: None
         return
-    columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(file=sys.stderr), transient=True) as bar:
         task = bar.add_task("chunks", total=total)
         yield lambda: bar.advance(task)
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def _load_artifact(path: Path, threads: int | None, window: int) -> Engine:
+def _check_window(path: Path, window: int) -> None:
     if not (path / "engine.json").is_file():
         raise KilnError(f"{path} is not a kiln artifact (no engine.json)", "build one with `kiln build RECIPE`")
-    engine = load(path, threads=threads)
-    if engine.config.max_seq < window:
-        raise KilnError(f"{path} has max_seq {engine.config.max_seq}, below the window {window}",
+    max_seq = EngineConfig.load(path / "engine.json").max_seq
+    if max_seq < window:
+        raise KilnError(f"{path} has max_seq {max_seq}, below the window {window}",
                         f"lower --window or rebuild with max_seq >= {window}")
-    return engine
+
+
+def _load_artifact(path: Path, threads: int | None, window: int) -> Engine:
+    _check_window(path, window)
+    # no prepacked copies of the weights: evaluation is prefill-only, and memory is the limit
+    return load(path, threads=threads, config_entries={"session.disable_prepacking": "1"})
 
 
 def _read_text(text_path: Path | None) -> tuple[str, str]:
@@ -196,9 +222,6 @@ def _reference(path: Path, window: int, threads: int | None, stack: ExitStack) -
     if not (path / "config.json").is_file():
         raise KilnError(f"reference {path} is neither a kiln artifact (engine.json) nor a checkpoint (config.json)",
                         "pass an artifact dir or a Hugging Face checkpoint dir to --reference")
-    from compiler.build import build
-    from compiler.recipe import parse_recipe
-
     max_seq = -(-max(window, 256) // 256) * 256  # rounded up to a multiple of 256
     try:
         mpe = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
@@ -207,20 +230,26 @@ def _reference(path: Path, window: int, threads: int | None, stack: ExitStack) -
     except (OSError, ValueError, AttributeError):
         pass  # the build reports a bad config.json itself
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-eval-ref.")))
-    recipe = parse_recipe({"schema": 1, "name": "reference", "source": str(path), "dtype": "float32",
-                           "max_seq": max_seq, "max_batch": 1, "onnxruntime": {"graph": "contrib"}},
-                          f"reference {path}")
-    build(recipe, tmp, progress=False)
+    recipe = {"schema": 1, "name": "reference", "source": str(path), "dtype": "float32",
+              "max_seq": max_seq, "max_batch": 1, "onnxruntime": {"graph": "contrib"}}
+    (tmp / "reference.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    # a separate process: the build's memory is gone before the engines load
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "build", str(tmp / "reference.yaml"), "--out", str(tmp),
+                           "--quiet"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise KilnError(f"building the fp32 reference of {path} failed: {last.removeprefix('kiln: error: ')}",
+                        "check the reference checkpoint")
     return _load_artifact(tmp / "reference", threads, window)
 
 
-def _check_compatible(engine: Engine, ref: Engine, text: str, ids: np.ndarray) -> None:
+def _check_compatible(cfg: EngineConfig, ref: Engine, text: str, ids: np.ndarray) -> None:
     ref_ids = np.asarray(ref.text.encode(text)[: len(ids)], dtype=np.int64)
     if len(ref_ids) != len(ids) or not np.array_equal(ref_ids, ids):
         n = min(len(ref_ids), len(ids))
         at = int(np.flatnonzero(ref_ids[:n] != ids[:n])[0]) if (ref_ids[:n] != ids[:n]).any() else n
         raise KilnError(f"the reference tokenizer gives different ids for the text (first difference at token {at})",
                         "compare against a reference with the same tokenizer")
-    if ref.config.vocab_size != engine.config.vocab_size:
+    if ref.config.vocab_size != cfg.vocab_size:
         raise KilnError(f"the reference vocab size {ref.config.vocab_size} differs from the engine's "
-                        f"{engine.config.vocab_size}", "compare against a reference of the same model")
+                        f"{cfg.vocab_size}", "compare against a reference of the same model")

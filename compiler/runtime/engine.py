@@ -61,12 +61,12 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, config_entries: dict | None = None):
         self.path = Path(path)
         self.config = EngineConfig.load(self.path / "engine.json")
         self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
         self.text = Text(self.path)
-        self.session = DecoderSession(self.path, self.config, threads)
+        self.session = DecoderSession(self.path, self.config, threads, config_entries)
 
     # -- public API -----------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **kw) -> Generation | list[Generation]:
@@ -148,9 +148,10 @@ def _config(config: GenerationConfig | None, kw: dict) -> GenerationConfig:
     return cfg
 
 
-def load(path: str | Path, threads: int | None = None) -> Engine:
-    """Load an engine built by `kiln build` (a directory with engine.json and kiln.json)."""
+def load(path: str | Path, threads: int | None = None, config_entries: dict | None = None) -> Engine:
+    """Load an engine built by `kiln build` (a directory with engine.json and kiln.json).
+    config_entries: extra ONNX Runtime session config entries (e.g. for debugging)."""
     path = Path(path)
     if not (path / "engine.json").is_file():
         raise FileNotFoundError(f"{path} is not a kiln artifact (no engine.json); build one with `kiln build RECIPE`")
-    return Engine(path, threads)
+    return Engine(path, threads, config_entries)

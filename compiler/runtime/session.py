@@ -45,14 +45,14 @@ class KVCache:
 
 
 class DecoderSession:
-    def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None):
+    def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.cfg = cfg
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or cfg.session.intra_op_threads or physical_cores()
         so.inter_op_num_threads = cfg.session.inter_op_threads
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg.session.graph_optimization_level)
         so.log_severity_level = 3
-        for key, value in cfg.session.config_entries.items():
+        for key, value in {**cfg.session.config_entries, **(config_entries or {})}.items():
             so.add_session_config_entry(key, value)
         available = ort.get_available_providers()
         if cfg.session.execution_provider not in available:

@@ -111,13 +111,13 @@ class Int4Awq:
         for lin in qdq.linears(graph):
             groups.setdefault(id(lin.node.inputs[0]), []).append(lin)
         counts = {"scaled": 0, "unscaled": 0, "fp32": 0, "int8": 0}
-        todo = {key: self._split_overrides(graph, lins, counts) for key, lins in groups.items()}
-        # Scales first, last layer first: a fold into `up` columns must land before those
-        # weights are searched and quantised themselves.
-        scales = {key: self._scale(lins, len(lins) == len(groups[key])) for key, lins in reversed(todo.items()) if lins}
-        for key, lins in todo.items():
-            if lins:
-                self._clip_and_quantize(graph, lins, scales[key], counts)
+        # Last layer first: a scale folded into `up` columns must land before those weights are
+        # searched and quantised themselves. One group at a time keeps one fp32 weight in memory.
+        for lins in reversed(groups.values()):
+            todo = self._split_overrides(graph, lins, counts)
+            if todo:
+                s = self._scale(todo, len(todo) == len(lins))
+                self._clip_and_quantize(graph, todo, s, counts)
         note = (f"{counts['scaled']} linears scaled + clipped, {counts['unscaled']} clipped only (no place to fold "
                 f"the scale), {counts['int8']} int8, {counts['fp32']} fp32 by override")
         return PassResult(model, True, [note])
@@ -147,14 +147,12 @@ class Int4Awq:
         weights = [lin.read() for lin in lins]
         s = self.search_scale(self._rows(lins[0]), self.stats[lins[0].node.name].mean_abs, weights)
         self._fold(sink, s)
-        for lin, w in zip(lins, weights):
-            _set(lin.weight, w * s[:, None])
         return s
 
     def _clip_and_quantize(self, graph: ir.Graph, lins: list[qdq.Linear], s: np.ndarray | None, counts: dict) -> None:
         x = self._rows(lins[0]) if s is None else self._rows(lins[0]) / s
         for lin in lins:
-            w = lin.read()
+            w = lin.read() if s is None else lin.read() * s[:, None]
             qdq.use_int4(graph, lin, quantize(w, self.cfg.group_size, self.cfg.symmetric, self.search_clip(x, w)))
             counts["scaled" if s is not None else "unscaled"] += 1
 

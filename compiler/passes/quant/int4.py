@@ -46,8 +46,8 @@ def quantize(w: np.ndarray, group: int, symmetric: bool = True, clip: np.ndarray
     wb = _blocks(np.asarray(w, dtype=np.float32), group)  # [G, g, N]
     ratio = 1.0 if clip is None else clip[:, None, :]
     if symmetric:
-        idx = np.abs(wb).argmax(axis=1)[:, None, :]  # [G, 1, N]
-        extreme = np.take_along_axis(wb, idx, axis=1) * ratio  # signed
+        hi, lo = wb.max(axis=1, keepdims=True), wb.min(axis=1, keepdims=True)  # [G, 1, N]
+        extreme = np.where(hi >= -lo, hi, lo) * ratio  # the signed value of largest magnitude
         scale = extreme / -8.0
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
         q = np.clip(np.rint(wb / scale), -8, 7).astype(np.int8)
