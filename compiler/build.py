@@ -8,6 +8,7 @@ and the build's time, peak memory and host.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import platform
@@ -65,6 +66,10 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
                                   session=session, graph_flavour=flavour, progress=progress)
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
+        nodes = len(model.graph)
+        del model  # the quality gate loads engines: free the graph and the calibration data first
+        pm.passes.clear()
+        gc.collect()
         quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization else None
         manifest = {
             "kiln_version": __version__,
@@ -73,7 +78,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
             "source": {"path": str(source), "digest": ckpt.digest(), "architecture": arch.ARCH, "config": asdict(cfg)},
             "backend": {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour},
             "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
-            "graph": {"nodes": len(model.graph), "passes": [asdict(r) for r in pm.records]},
+            "graph": {"nodes": nodes, "passes": [asdict(r) for r in pm.records]},
             "quantization": recipe.quantization.model_dump(mode="json") if recipe.quantization else None,
             "quality": quality,
             "build": {

@@ -3,7 +3,7 @@
 `Checkpoint.open(dir)` checks `config.json`, finds the weights (`model.safetensors`, or a
 sharded set with `model.safetensors.index.json`) and parses every header, so bad input fails
 before the build starts. Weights are read one at a time (`checkpoint.read(name)`), each a
-memory-mapped view, so peak memory stays near the largest single tensor.
+copy read on demand, so peak memory stays near the largest single tensor.
 """
 
 from __future__ import annotations

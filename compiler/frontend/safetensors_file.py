@@ -2,7 +2,7 @@
 
 The header is parsed and checked up front (JSON, dtypes, offsets inside the file, byte counts
 matching shapes), so a truncated or corrupt file fails before any build work with a one-line
-message. Tensor data is memory-mapped and only read when a weight is asked for, so a build
+message. Tensor data is read only when a weight is asked for, one tensor at a time, so a build
 streams weights instead of holding the checkpoint in memory.
 """
 
@@ -48,7 +48,6 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = self._parse_header()
-        self._map: np.memmap | None = None
 
     def _bad(self, why: str) -> KilnError:
         return KilnError(
@@ -94,12 +93,13 @@ class SafetensorsFile:
         return TensorInfo(name, tag, shape, base + b, base + e)
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array (float32 for BF16, a view of the map otherwise)."""
+        """The tensor as a new numpy array (BF16 widened to float32).
+
+        Each read maps the file only for the copy, so pages of weights already consumed do not
+        stay resident in this process (a build's RSS stays near the tensors it holds)."""
         info = self.tensors[name]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._map[info.begin : info.end]
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.begin, shape=(info.end - info.begin,))
         arr = raw.view(_DTYPES[info.dtype]).reshape(info.shape)
         if info.dtype == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return np.array(arr)
