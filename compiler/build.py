@@ -55,6 +55,9 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         flavour = "ort-contrib"
     facts = ort_backend.ModelFacts(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, _generation(ckpt))
     entries = {"session.qdq_matmulnbits_accuracy_level": str(recipe.onnxruntime.int4_accuracy_level)}
+    if recipe.quantization is not None and recipe.quantization.scheme == "fp8":
+        # ORT 1.31 fuses Q/DQ + MatMul into MatMulIntegerToFloat, which rejects float8: keep QDQ as is
+        entries["session.disable_quant_qdq"] = "1"
     session = SessionConfig(intra_op_threads=recipe.onnxruntime.intra_op_threads, config_entries=entries)
 
     dest = out_root / recipe.name

@@ -15,12 +15,15 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from compiler.passes.quant.awq import Int4Awq, Int4AwqConfig
+from compiler.passes.quant.fp8 import Fp8, Fp8Config
 from compiler.passes.quant.int8_wo import Int8WeightOnly, Int8WoConfig
 from compiler.passes.quant.rtn import Int4Rtn, Int4RtnConfig
+from compiler.passes.quant.smoothquant import Int8SmoothQuant, Int8SqConfig
 
-QuantConfig = Annotated[Union[Int4RtnConfig, Int4AwqConfig, Int8WoConfig], Field(discriminator="scheme")]
+QuantConfig = Annotated[Union[Int4RtnConfig, Int4AwqConfig, Int8WoConfig, Int8SqConfig, Fp8Config], Field(discriminator="scheme")]
 
-_PASSES = {"int4-rtn": Int4Rtn, "int4-awq": Int4Awq, "int8-wo": Int8WeightOnly}
+_PASSES = {"int4-rtn": Int4Rtn, "int4-awq": Int4Awq, "int8-wo": Int8WeightOnly, "int8-sq": Int8SmoothQuant,
+           "fp8": Fp8}
 
 
 def needs_calibration(cfg) -> bool:

@@ -13,7 +13,6 @@ Statistics (mean |X| per channel, sampled rows) come from layer-by-layer calibra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -24,6 +23,7 @@ from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
 from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel
 from compiler.passes.quant.int4 import fake_quantize, quantize
+from compiler.passes.quant.smoothing import fold, groups, private, sink_of
 
 
 class Int4AwqConfig(SchemeConfig):
@@ -35,38 +35,6 @@ class Int4AwqConfig(SchemeConfig):
     clip_min: float = Field(0.7, gt=0, le=1, description="smallest range ratio tried by the clipping search")
     clip_steps: int = Field(7, ge=1, le=50)
     search_rows: int = Field(128, ge=8, description="calibration rows used by the searches")
-
-
-@dataclass
-class _Sink:
-    """Where 1/s goes: a constant tensor whose slice [cols] along `axis` is divided by s."""
-
-    value: ir.Value
-    axis: int  # 0 for a norm scale [K]; 1 for weight columns [H, N]
-    start: int
-
-
-def _sink(x: ir.Value) -> _Sink | None:
-    node = x.producer()
-    if node is None:
-        return None
-    if node.op_type == "RMSNormalization" and node.inputs[1].const_value is not None:
-        return _Sink(node.inputs[1], 0, 0)
-    if node.op_type == "Mul":  # act(gate) * up: scale the weight columns that produce `up`
-        up = node.inputs[1]
-        prod = up.producer()
-        if prod is not None and prod.op_type == "Split" and prod.inputs[0].producer() is not None:
-            mm, j = prod.inputs[0].producer(), list(prod.outputs).index(up)
-            sizes = prod.inputs[1].const_value.numpy() if len(prod.inputs) > 1 and prod.inputs[1] is not None else None
-            if mm.op_type == "MatMul" and mm.inputs[1].const_value is not None and sizes is not None:
-                return _Sink(mm.inputs[1], 1, int(sizes[:j].sum()))
-        if prod is not None and prod.op_type == "MatMul" and prod.inputs[1].const_value is not None:
-            return _Sink(prod.inputs[1], 1, 0)
-    return None
-
-
-def _set(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.Tensor(np.ascontiguousarray(array, dtype=np.float32), name=value.name)
 
 
 class Int4Awq:
@@ -107,13 +75,11 @@ class Int4Awq:
         return best
 
     def run(self, model: ir.Model) -> PassResult:
-        graph, groups = model.graph, {}
-        for lin in qdq.linears(graph):
-            groups.setdefault(id(lin.node.inputs[0]), []).append(lin)
+        graph = model.graph
         counts = {"scaled": 0, "unscaled": 0, "fp32": 0, "int8": 0}
         # Last layer first: a scale folded into `up` columns must land before those weights are
         # searched and quantised themselves. One group at a time keeps one fp32 weight in memory.
-        for lins in reversed(groups.values()):
+        for lins in reversed(groups(graph)):
             todo = self._split_overrides(graph, lins, counts)
             if todo:
                 s = self._scale(todo, len(todo) == len(lins))
@@ -140,13 +106,12 @@ class Int4Awq:
 
     def _scale(self, lins: list[qdq.Linear], whole_group: bool) -> np.ndarray | None:
         """Search s for a group sharing one input and fold it; None when it cannot be folded."""
-        private = all(len(list(lin.weight.uses())) == 1 for lin in lins)  # a tied table must stay as is
-        sink = _sink(lins[0].node.inputs[0]) if whole_group and private else None
+        sink = sink_of(lins[0].node.inputs[0]) if whole_group and private(lins) else None
         if sink is None:
             return None
         weights = [lin.read() for lin in lins]
         s = self.search_scale(self._rows(lins[0]), self.stats[lins[0].node.name].mean_abs, weights)
-        self._fold(sink, s)
+        fold(sink, s)
         return s
 
     def _clip_and_quantize(self, graph: ir.Graph, lins: list[qdq.Linear], s: np.ndarray | None, counts: dict) -> None:
@@ -155,12 +120,3 @@ class Int4Awq:
             w = lin.read() if s is None else lin.read() * s[:, None]
             qdq.use_int4(graph, lin, quantize(w, self.cfg.group_size, self.cfg.symmetric, self.search_clip(x, w)))
             counts["scaled" if s is not None else "unscaled"] += 1
-
-    @staticmethod
-    def _fold(sink: _Sink, s: np.ndarray) -> None:
-        arr = np.array(sink.value.const_value.numpy(), dtype=np.float32)
-        if sink.axis == 0:
-            arr = arr / s
-        else:
-            arr[:, sink.start:sink.start + len(s)] /= s
-        _set(sink.value, arr)

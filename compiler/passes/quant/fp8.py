@@ -1,0 +1,42 @@
+"""fp8: E4M3 weights with per-output-channel scales and static per-tensor E4M3 activations.
+
+Weight scale = max|W_:,n| / 448 (E4M3's largest normal); activation scale = max|X| over
+calibration / 448, quantised with saturation. Standard QDQ with float8e4m3fn, which ONNX
+Runtime runs on CPU (dequantised to fp32) and TensorRT maps to FP8 layers.
+The optional fp8/int8 KV cache is not implemented (the recipe refuses anything but none).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from compiler.passes.quant import qdq
+from compiler.passes.quant.base import Calibration, SchemeConfig
+from compiler.passes.quant.smoothquant import ActivationQuantizer
+
+E4M3_MAX = 448.0
+
+
+class Fp8Config(SchemeConfig):
+    scheme: Literal["fp8"]
+    calibration: Calibration = Calibration()
+    kv_cache: Literal["none"] = "none"
+
+
+def fp8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [K, N] -> (q float8_e4m3fn [K, N], scale [N] float32)."""
+    scale = np.abs(w).max(axis=0) / E4M3_MAX
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return np.clip(w / scale, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn), scale
+
+
+class Fp8(ActivationQuantizer):
+    name = "quantize_fp8"
+
+    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
+        qdq.use_fp8(graph, lin, *fp8_per_channel(w))
+        qdq.quantize_input(graph, lin, max(act_absmax, 1e-8) / E4M3_MAX, ir.DataType.FLOAT8E4M3FN)

@@ -1,0 +1,77 @@
+"""int8-sq: SmoothQuant W8A8 (arXiv 2211.10438) with static per-tensor activation scales.
+
+Per set of linears reading one activation X: s_j = max|X_j|^alpha / max|W_j,:|^(1 - alpha)
+moves outliers from activations into weights (1/s folded into the RMSNorm scale or the `up`
+columns; s = 1 where nothing can absorb it). Then X/s is quantised to int8 with one static
+scale (max |X/s| over calibration / 127) and W*s to int8 per output channel.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from compiler.passes.base import PassResult
+from compiler.passes.quant import qdq
+from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel
+from compiler.passes.quant.smoothing import fold, groups, private, sink_of
+
+
+class Int8SqConfig(SchemeConfig):
+    scheme: Literal["int8-sq"]
+    alpha: float = Field(0.5, ge=0, le=1, description="migration strength: 0 keeps outliers in X, 1 moves them to W")
+    calibration: Calibration = Calibration()
+
+
+class ActivationQuantizer:
+    """Shared loop of the W8A8-style schemes: smoothing (optional), then per-linear quantisation."""
+
+    name = "quantize_activations"
+    smooth = False
+
+    def __init__(self, cfg, stats: dict):
+        self.cfg, self.stats = cfg, stats
+
+    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
+        raise NotImplementedError
+
+    def smoothing(self, lins: list[qdq.Linear], absmax: np.ndarray) -> np.ndarray | None:
+        return None
+
+    def run(self, model: ir.Model) -> PassResult:
+        graph, done, smoothed = model.graph, 0, 0
+        for lins in reversed(groups(graph)):  # last first: folds into `up` land before up is quantised
+            todo = [lin for lin in lins if self.cfg.precision_of(lin.node.name) is None]
+            for lin in lins:
+                if self.cfg.precision_of(lin.node.name) == "int8":
+                    qdq.use_int8(graph, lin, *int8_per_channel(lin.read()))
+            if not todo:
+                continue
+            absmax = self.stats[todo[0].node.name].absmax.astype(np.float32)  # [K]
+            sink = sink_of(todo[0].node.inputs[0]) if len(todo) == len(lins) and private(todo) else None
+            s = self.smoothing(todo, absmax) if sink is not None else None
+            if s is not None:
+                fold(sink, s)
+                smoothed += len(todo)
+            for lin in todo:
+                w = lin.read() if s is None else lin.read() * s[:, None]
+                self.quantize(graph, lin, w, float((absmax if s is None else absmax / s).max()))
+                done += 1
+        return PassResult(model, done > 0, [f"{done} linears quantised ({smoothed} smoothed)"])
+
+
+class Int8SmoothQuant(ActivationQuantizer):
+    name = "quantize_int8_sq"
+
+    def smoothing(self, lins: list[qdq.Linear], absmax: np.ndarray) -> np.ndarray:
+        w_max = np.max([np.abs(lin.read()).max(axis=1) for lin in lins], axis=0)  # [K]
+        a = self.cfg.alpha
+        s = np.maximum(absmax, 1e-5) ** a / np.maximum(w_max, 1e-5) ** (1 - a)
+        return np.clip(s, 1e-5, None).astype(np.float32)
+
+    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
+        qdq.use_int8(graph, lin, *int8_per_channel(w))
+        qdq.quantize_input(graph, lin, max(act_absmax, 1e-8) / 127.0, ir.DataType.INT8)
