@@ -50,6 +50,7 @@ test: setup model
 	$(BIN)/python -m pytest -q
 
 bench: setup model
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
 
 clean:

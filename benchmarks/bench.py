@@ -1,9 +1,11 @@
-"""`make bench`: transformers eager fp32 vs the kiln ONNX Runtime fp32 engine, side by side.
+"""`make bench`: kiln's engines against transformers and onnxruntime-genai, side by side.
 
 SmolLM2-135M, batch 1, a 128-token prompt and 128 new tokens (greedy), the same thread count
-for both. Each measurement runs in its own process (so peak RSS is that engine's alone); the
-two are interleaved `--reps` times and the median reported, with kiln/transformers ratios. The
-kiln build itself is timed too (wall time and peak RSS of `kiln build`). A benchmark, not a test.
+for all. Engines: transformers eager fp32, kiln fp32 and int4 (recipes/smollm2-135m*.yaml), and
+onnxruntime-genai fp32 and int4 built by its own model builder from the same checkpoint (skipped
+when onnxruntime_genai is not installed). Each measurement runs in its own process (so peak RSS
+is that engine's alone); engines are interleaved `--reps` times and medians reported, with ratios.
+Builds are timed too (wall time and peak RSS). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / ".cache" / "models" / "smollm2-135m"
-RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"
+RECIPES = {"kiln fp32": ROOT / "recipes" / "smollm2-135m.yaml", "kiln int4": ROOT / "recipes" / "smollm2-135m-int4.yaml"}
+GENAI_PRECISIONS = {"genai fp32": "fp32", "genai int4": "int4"}
 PROMPT_TOKENS = NEW_TOKENS = 128
 
 
@@ -71,18 +74,64 @@ def run_kiln(threads: int, artifact: str) -> dict:
     return {"prefill_ms": t.prefill_ms, "decode_tok_s": t.decode_tok_s, "peak_rss_bytes": peak_rss()}
 
 
+def run_genai(threads: int, model_dir: str) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(model_dir)
+    ids = np.array([prompt_ids()], dtype=np.int32)
+
+    def once() -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=PROMPT_TOKENS + NEW_TOKENS, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()  # the first token comes from the prefill
+        t1 = time.perf_counter()
+        for _ in range(NEW_TOKENS - 1):
+            gen.generate_next_token()
+        return (t1 - t0) * 1e3, (NEW_TOKENS - 1) / (time.perf_counter() - t1)
+
+    once()  # warm-up
+    prefill, decode = once()
+    return {"prefill_ms": prefill, "decode_tok_s": decode, "peak_rss_bytes": peak_rss()}
+
+
 def child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build_once(out_root: Path) -> dict:
+def build_kiln(recipe: Path, out_root: Path) -> dict:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "compiler.cli", "build", str(RECIPE), "--out", str(out_root), "--json", "--quiet"],
+    out = subprocess.run([sys.executable, "-m", "compiler.cli", "build", str(recipe), "--out", str(out_root), "--json", "--quiet"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     info = json.loads(out.stdout.strip().splitlines()[-1])
     return {"build_s": wall, "build_peak_rss_bytes": info["build"]["peak_rss_bytes"], "artifact": info["artifact"]}
+
+
+def build_genai(precision: str, out_dir: Path, threads: int) -> dict:
+    """onnxruntime-genai's own model builder on the same checkpoint (offline), timed."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(SOURCE), "-o", str(out_dir),
+           "-p", precision, "-e", "cpu", "-c", f"{out_dir}-cache"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - t0
+    cfg_path = out_dir / "genai_config.json"  # its default behaves as one thread: give it ours
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    rss_kb = int(proc.stderr.strip().splitlines()[-1])
+    return {"build_s": wall, "build_peak_rss_bytes": rss_kb * 1024, "artifact": str(out_dir)}
+
+
+def have_genai() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -94,30 +143,35 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="bench-results/bench.json")
-    p.add_argument("--one", choices=["transformers", "kiln"], help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=["transformers", "kiln", "genai"], help=argparse.SUPPRESS)
     p.add_argument("--artifact", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        res = run_transformers(a.threads) if a.one == "transformers" else run_kiln(a.threads, a.artifact)
-        print(json.dumps(res))
+        runners = {"transformers": lambda: run_transformers(a.threads), "kiln": lambda: run_kiln(a.threads, a.artifact),
+                   "genai": lambda: run_genai(a.threads, a.artifact)}
+        print(json.dumps(runners[a.one]()))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        builds = [build_once(Path(tmp) / f"b{i}") for i in range(a.reps)]
-        hf_runs, kiln_runs = [], []
-        for _ in range(a.reps):
-            hf_runs.append(child(["--one", "transformers", "--threads", str(a.threads)]))
-            kiln_runs.append(child(["--one", "kiln", "--threads", str(a.threads), "--artifact", builds[0]["artifact"]]))
+        builds = {name: build_kiln(recipe, Path(tmp) / name.replace(" ", "-")) for name, recipe in RECIPES.items()}
+        if have_genai():
+            builds.update({name: build_genai(prec, Path(tmp) / name.replace(" ", "-"), a.threads)
+                           for name, prec in GENAI_PRECISIONS.items()})
+        else:
+            print("onnxruntime-genai is not installed: its rows are skipped (pip install onnxruntime-genai)", file=sys.stderr)
+        engines = {"transformers": ["--one", "transformers"]}
+        engines.update({name: ["--one", name.split()[0], "--artifact", b["artifact"]] for name, b in builds.items()})
+        runs: dict[str, list[dict]] = {name: [] for name in engines}
+        for _ in range(a.reps):  # interleaved, so drift on a noisy machine hits every engine alike
+            for name, args in engines.items():
+                runs[name].append(child([*args, "--threads", str(a.threads)]))
     result = {
-        "model": "SmolLM2-135M-Instruct fp32", "threads": a.threads, "reps": a.reps,
+        "model": "SmolLM2-135M-Instruct", "threads": a.threads, "reps": a.reps,
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
-        "transformers": median_of(hf_runs), "kiln": {**median_of(kiln_runs), **median_of(builds)},
-        "runs": {"transformers": hf_runs, "kiln": kiln_runs, "builds": builds},
-    }
-    result["ratios"] = {
-        "decode_speedup": result["kiln"]["decode_tok_s"] / result["transformers"]["decode_tok_s"],
-        "prefill_speedup": result["transformers"]["prefill_ms"] / result["kiln"]["prefill_ms"],
+        "engines": {name: {**median_of(r), **{k: v for k, v in builds.get(name, {}).items() if k != "artifact"}}
+                    for name, r in runs.items()},
+        "runs": runs,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -129,17 +183,22 @@ def print_table(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    hf, k = r["transformers"], r["kiln"]
+    e = r["engines"]
+    base = e["transformers"]
     t = Table(title=f"{r['model']}, {r['threads']} threads, median of {r['reps']} "
                     f"({r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, batch 1)")
-    for col in ("", "transformers eager", "kiln onnxruntime", "kiln / transformers"):
+    for col in ("engine", "prefill ms", "decode tok/s", "vs transformers", "peak RSS GiB", "build s", "build RSS GiB"):
         t.add_column(col, justify="right")
-    t.add_row("prefill (ms)", f"{hf['prefill_ms']:.0f}", f"{k['prefill_ms']:.0f}", f"{r['ratios']['prefill_speedup']:.2f}x faster")
-    t.add_row("decode (tok/s)", f"{hf['decode_tok_s']:.1f}", f"{k['decode_tok_s']:.1f}", f"{r['ratios']['decode_speedup']:.2f}x")
-    t.add_row("peak RSS (GiB)", f"{hf['peak_rss_bytes'] / 2**30:.2f}", f"{k['peak_rss_bytes'] / 2**30:.2f}", "")
-    t.add_row("build (s)", "-", f"{k['build_s']:.1f}", "")
-    t.add_row("build peak RSS (GiB)", "-", f"{k['build_peak_rss_bytes'] / 2**30:.2f}", "")
-    Console().print(t)
+    for name, m in e.items():
+        t.add_row(name, f"{m['prefill_ms']:.0f}", f"{m['decode_tok_s']:.1f}", f"{m['decode_tok_s'] / base['decode_tok_s']:.2f}x",
+                  f"{m['peak_rss_bytes'] / 2**30:.2f}", f"{m['build_s']:.1f}" if "build_s" in m else "-",
+                  f"{m['build_peak_rss_bytes'] / 2**30:.2f}" if "build_peak_rss_bytes" in m else "-")
+    console = Console()
+    console.print(t)
+    for ours, peer in (("kiln fp32", "genai fp32"), ("kiln int4", "genai int4")):
+        if ours in e and peer in e:
+            console.print(f"{ours} / {peer}: decode {e[ours]['decode_tok_s'] / e[peer]['decode_tok_s']:.2f}x, "
+                          f"prefill {e[peer]['prefill_ms'] / e[ours]['prefill_ms']:.2f}x faster")
 
 
 if __name__ == "__main__":
