@@ -12,7 +12,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compiler.backends.onnxruntime import gqa, skip_norm
+from compiler.backends.onnxruntime import embedding, gqa, skip_norm
 
 log = logging.getLogger("kiln.backends.onnxruntime")
 
@@ -29,6 +29,10 @@ def legalise(model: ir.Model, cfg) -> ir.Model:
         for m in usable:
             gqa.replace(graph, m, (cfg.num_heads, cfg.num_kv_heads), lens)
     _skip_norms(graph)
+    for node in list(graph):
+        transpose = embedding.match(node)
+        if transpose is not None and embedding.check(node) is None:
+            embedding.replace(graph, node, transpose)
     model.opset_imports["com.microsoft"] = 1
     RemoveUnusedNodesPass()(model)
     return model
