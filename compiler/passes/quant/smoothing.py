@@ -56,11 +56,23 @@ def set_const(value: ir.Value, array: np.ndarray) -> None:
 
 
 def groups(graph: ir.Graph) -> list[list[qdq.Linear]]:
-    """Linears grouped by the activation they read, in graph order."""
+    """Linears grouped by the activation they read, in graph order. A weight shared with other
+    nodes (a tied embedding table) is first given to the MatMul as its own value, so scaling it
+    leaves the lookup alone."""
     out: dict[int, list[qdq.Linear]] = {}
     for lin in qdq.linears(graph):
+        if len(list(lin.weight.uses())) > 1:
+            lin = _untie(graph, lin)
         out.setdefault(id(lin.node.inputs[0]), []).append(lin)
     return list(out.values())
+
+
+def _untie(graph: ir.Graph, lin: qdq.Linear) -> qdq.Linear:
+    name = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
+    own = ir.Value(name=name, type=lin.weight.type, shape=lin.weight.shape, const_value=lin.weight.const_value)
+    graph.register_initializer(own)
+    lin.node.replace_input_with(1, own)
+    return qdq.Linear(lin.node, own)
 
 
 def private(lins: list[qdq.Linear]) -> bool:

@@ -22,7 +22,9 @@ from compiler.passes.quant.smoothing import fold, groups, private, sink_of
 
 class Int8SqConfig(SchemeConfig):
     scheme: Literal["int8-sq"]
-    alpha: float = Field(0.5, ge=0, le=1, description="migration strength: 0 keeps outliers in X, 1 moves them to W")
+    alpha: float | Literal["search"] = Field(
+        "search", description="migration strength in [0, 1] (0 keeps outliers in X, 1 moves them to W), or "
+                              "'search': per layer, the alpha on a 0.05 grid whose W8A8 output best matches fp32")
     calibration: Calibration = Calibration()
 
 
@@ -67,10 +69,31 @@ class Int8SmoothQuant(ActivationQuantizer):
     name = "quantize_int8_sq"
 
     def smoothing(self, lins: list[qdq.Linear], absmax: np.ndarray) -> np.ndarray:
-        w_max = np.max([np.abs(lin.read()).max(axis=1) for lin in lins], axis=0)  # [K]
-        a = self.cfg.alpha
-        s = np.maximum(absmax, 1e-5) ** a / np.maximum(w_max, 1e-5) ** (1 - a)
-        return np.clip(s, 1e-5, None).astype(np.float32)
+        weights = [lin.read() for lin in lins]
+        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # [K]
+
+        def scales(a: float) -> np.ndarray:
+            s = np.maximum(absmax, 1e-5) ** a / np.maximum(w_max, 1e-5) ** (1 - a)
+            return np.clip(s, 1e-5, None).astype(np.float32)
+
+        if self.cfg.alpha != "search":
+            return scales(self.cfg.alpha)
+        x = self.stats[lins[0].node.name].rows.astype(np.float32)  # [T, K]
+        refs = [x @ w for w in weights]
+
+        def loss(a: float) -> float:
+            s = scales(a)
+            xs = x / s
+            step = max(float((absmax / s).max()), 1e-8) / 127.0  # the static activation scale
+            xq = np.clip(np.rint(xs / step), -127, 127) * step
+            total = 0.0
+            for w, ref in zip(weights, refs):
+                q, ws = int8_per_channel(w * s[:, None])
+                total += float(np.mean((xq @ (q.astype(np.float32) * ws) - ref) ** 2))
+            return total
+
+        best = min(np.arange(0.0, 1.0001, 0.05), key=loss)
+        return scales(float(best))
 
     def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
         qdq.use_int8(graph, lin, *int8_per_channel(w))
