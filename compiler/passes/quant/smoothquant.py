@@ -40,8 +40,36 @@ class ActivationQuantizer:
     def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
         raise NotImplementedError
 
+    def fake_input(self, x: np.ndarray, absmax: float) -> np.ndarray:
+        """x as the engine sees it after the static activation Q/DQ."""
+        raise NotImplementedError
+
+    def fake_weight(self, w: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def smoothing(self, lins: list[qdq.Linear], absmax: np.ndarray) -> np.ndarray | None:
-        return None
+        """s [K] for alpha (fixed, or searched per layer on a 0.05 grid against the fp32 output)."""
+        alpha = getattr(self.cfg, "alpha", None)
+        if alpha is None:
+            return None
+        weights = [lin.read() for lin in lins]
+        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # [K]
+
+        def scales(a: float) -> np.ndarray:
+            s = np.maximum(absmax, 1e-5) ** a / np.maximum(w_max, 1e-5) ** (1 - a)
+            return np.clip(s, 1e-5, None).astype(np.float32)
+
+        if alpha != "search":
+            return scales(alpha)
+        x = self.stats[lins[0].node.name].rows.astype(np.float32)  # [T, K]
+        refs = [x @ w for w in weights]
+
+        def loss(a: float) -> float:
+            s = scales(a)
+            xq = self.fake_input(x / s, float((absmax / s).max()))
+            return sum(float(np.mean((xq @ self.fake_weight(w * s[:, None]) - ref) ** 2)) for w, ref in zip(weights, refs))
+
+        return scales(float(min(np.arange(0.0, 1.0001, 0.05), key=loss)))
 
     def run(self, model: ir.Model) -> PassResult:
         graph, done, smoothed = model.graph, 0, 0
@@ -68,32 +96,13 @@ class ActivationQuantizer:
 class Int8SmoothQuant(ActivationQuantizer):
     name = "quantize_int8_sq"
 
-    def smoothing(self, lins: list[qdq.Linear], absmax: np.ndarray) -> np.ndarray:
-        weights = [lin.read() for lin in lins]
-        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # [K]
+    def fake_input(self, x: np.ndarray, absmax: float) -> np.ndarray:
+        step = max(absmax, 1e-8) / 127.0
+        return np.clip(np.rint(x / step), -127, 127) * step
 
-        def scales(a: float) -> np.ndarray:
-            s = np.maximum(absmax, 1e-5) ** a / np.maximum(w_max, 1e-5) ** (1 - a)
-            return np.clip(s, 1e-5, None).astype(np.float32)
-
-        if self.cfg.alpha != "search":
-            return scales(self.cfg.alpha)
-        x = self.stats[lins[0].node.name].rows.astype(np.float32)  # [T, K]
-        refs = [x @ w for w in weights]
-
-        def loss(a: float) -> float:
-            s = scales(a)
-            xs = x / s
-            step = max(float((absmax / s).max()), 1e-8) / 127.0  # the static activation scale
-            xq = np.clip(np.rint(xs / step), -127, 127) * step
-            total = 0.0
-            for w, ref in zip(weights, refs):
-                q, ws = int8_per_channel(w * s[:, None])
-                total += float(np.mean((xq @ (q.astype(np.float32) * ws) - ref) ** 2))
-            return total
-
-        best = min(np.arange(0.0, 1.0001, 0.05), key=loss)
-        return scales(float(best))
+    def fake_weight(self, w: np.ndarray) -> np.ndarray:
+        q, scale = int8_per_channel(w)
+        return q.astype(np.float32) * scale
 
     def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
         qdq.use_int8(graph, lin, *int8_per_channel(w))
