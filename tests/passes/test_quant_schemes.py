@@ -46,12 +46,13 @@ def test_folding_scales_preserves_the_function(tiny_checkpoints, arch):
         sink = sink_of(lins[0].node.inputs[0])
         if sink is None or not private(lins):
             continue
-        s = rng.uniform(0.5, 2.0, lins[0].weight.shape[0]).astype(np.float32)
+        s = sink.constrain(rng.uniform(0.5, 2.0, lins[0].weight.shape[0])).astype(np.float32)
         fold(sink, s)
         for lin in lins:
             set_const(lin.weight, lin.read() * s[:, None])
         folded += 1
-    assert folded == 3 * 2 + 1  # per layer: qkv, gate_up (norm scales), down_proj (up columns); lm_head
+    # per layer: qkv, gate_up (norm scales), o_proj (v columns, GQA-tied), down_proj (up columns); lm_head
+    assert folded == 4 * 2 + 1
     np.testing.assert_allclose(_logits(model, ids), before, rtol=1e-4, atol=1e-5)
 
 

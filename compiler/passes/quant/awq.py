@@ -110,7 +110,7 @@ class Int4Awq:
         if sink is None:
             return None
         weights = [lin.read() for lin in lins]
-        s = self.search_scale(self._rows(lins[0]), self.stats[lins[0].node.name].mean_abs, weights)
+        s = self.search_scale(self._rows(lins[0]), sink.constrain(self.stats[lins[0].node.name].mean_abs), weights)
         fold(sink, s)
         return s
 

@@ -16,17 +16,41 @@ from compiler.passes.quant import qdq
 
 @dataclass
 class Sink:
-    """A constant whose slice [start:start+K] along `axis` is divided by s."""
+    """A constant whose slice [start:start+n] along `axis` is divided by s.
+
+    `tied` [K] maps each input channel to its sink channel when several channels share one (the
+    attention output of the q heads that read one KV head under GQA); s must then be equal on
+    tied channels, which `constrain` enforces on the statistics the searches start from."""
 
     value: ir.Value
     axis: int  # 0 for a norm scale [K]; 1 for weight columns [H, N]
     start: int
+    tied: np.ndarray | None = None
+    bias: ir.Value | None = None  # a bias added to the sink's output columns, divided alike
+
+    def constrain(self, stat: np.ndarray, reduce=np.mean) -> np.ndarray:
+        """[K] statistic -> [K], equal within each tied set (mean or max over the set)."""
+        if self.tied is None:
+            return stat
+        n = int(self.tied.max()) + 1
+        per = np.array([reduce(stat[self.tied == j]) for j in range(n)])
+        return per[self.tied]
+
+    def own(self, s: np.ndarray) -> np.ndarray:
+        """s over the input channels [K] -> s over the sink's channels."""
+        if self.tied is None:
+            return s
+        out = np.empty(int(self.tied.max()) + 1, dtype=s.dtype)
+        out[self.tied] = s
+        return out
 
 
 def sink_of(x: ir.Value) -> Sink | None:
     node = x.producer()
     if node is None:
         return None
+    if node.op_type == "Reshape":
+        return _value_sink(x)
     if node.op_type == "RMSNormalization" and node.inputs[1].const_value is not None:
         return Sink(node.inputs[1], 0, 0)
     if node.op_type == "Mul":  # act(gate) * up: scale the weight columns that produce `up`
@@ -42,13 +66,74 @@ def sink_of(x: ir.Value) -> Sink | None:
     return None
 
 
+def _producer_chain(v: ir.Value, ops: tuple[str, ...]) -> ir.Value | None:
+    for op in ops:
+        node = v.producer()
+        if node is None or node.op_type != op:
+            return None
+        v = node.inputs[0] if op != "Attention" else node.inputs[2]  # Attention: follow V
+    return v
+
+
+def _const_shape(node: ir.Node | None) -> bool:
+    return node is not None and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None
+
+
+def _value_sink(x: ir.Value) -> Sink | None:
+    """o_proj's input: Reshape(Transpose(Attention(q, k, V))) with V = cache update of the v
+    projection's columns. Each output channel (head h, dim d) is a mix of V channel
+    (h // group, d), so 1/s can be folded into those weight columns (and bias) when s is equal
+    across the q heads sharing a KV head."""
+    cache = _producer_chain(x, ("Reshape", "Transpose", "Attention"))
+    scatter = cache.producer() if cache is not None else None
+    if scatter is None or scatter.op_type != "TensorScatter":
+        return None
+    v4 = scatter.inputs[1]  # [B, Nkv, S, D]
+    split_heads = _producer_chain(v4, ("Transpose",))
+    reshape = split_heads.producer() if split_heads is not None else None
+    merge = x.producer()
+    if reshape is None or reshape.op_type != "Reshape" or not _const_shape(reshape) or not _const_shape(merge):
+        return None
+    v = reshape.inputs[0]
+    nkv, d = (int(n) for n in reshape.inputs[1].const_value.numpy()[2:4])  # Reshape to [0, 0, Nkv, D]
+    k = int(merge.inputs[1].const_value.numpy()[-1])  # Reshape to [0, 0, Nq * D]
+    if k % (nkv * d):
+        return None
+    heads = k // d
+    tied = ((np.arange(heads) // (heads // nkv))[:, None] * d + np.arange(d)[None, :]).reshape(-1)  # [K]
+    bias = None
+    prod = v.producer()
+    if prod is not None and prod.op_type == "Add" and prod.inputs[1].const_value is not None:
+        bias, v = prod.inputs[1], prod.inputs[0]
+        prod = v.producer()
+    start = 0
+    if prod is not None and prod.op_type == "Split":
+        j = list(prod.outputs).index(v)
+        start = int(prod.inputs[1].const_value.numpy()[:j].sum())
+        v = prod.inputs[0]
+        prod = v.producer()
+        if prod is not None and prod.op_type == "Add" and prod.inputs[1].const_value is not None:
+            bias, v = prod.inputs[1], prod.inputs[0]
+            prod = v.producer()
+    if prod is None or prod.op_type != "MatMul" or prod.inputs[1].const_value is None:
+        return None
+    if bias is not None and start and bias.shape[0] != prod.inputs[1].shape[1]:
+        return None
+    return Sink(prod.inputs[1], 1, start, tied, bias)
+
+
 def fold(sink: Sink, s: np.ndarray) -> None:
+    own = sink.own(s)
     arr = np.array(sink.value.const_value.numpy(), dtype=np.float32)
     if sink.axis == 0:
-        arr = arr / s
+        arr = arr / own
     else:
-        arr[:, sink.start:sink.start + len(s)] /= s
+        arr[:, sink.start:sink.start + len(own)] /= own
     set_const(sink.value, arr)
+    if sink.bias is not None:
+        b = np.array(sink.bias.const_value.numpy(), dtype=np.float32)
+        b[sink.start:sink.start + len(own)] /= own
+        set_const(sink.bias, b)
 
 
 def set_const(value: ir.Value, array: np.ndarray) -> None:

@@ -47,16 +47,17 @@ class ActivationQuantizer:
     def fake_weight(self, w: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def smoothing(self, lins: list[qdq.Linear], absmax: np.ndarray) -> np.ndarray | None:
+    def smoothing(self, lins: list[qdq.Linear], absmax: np.ndarray, sink) -> np.ndarray | None:
         """s [K] for alpha (fixed, or searched per layer on a 0.05 grid against the fp32 output)."""
         alpha = getattr(self.cfg, "alpha", None)
         if alpha is None:
             return None
         weights = [lin.read() for lin in lins]
-        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # [K]
+        w_max = sink.constrain(np.max([np.abs(w).max(axis=1) for w in weights], axis=0), np.max)  # [K]
+        a_max = sink.constrain(absmax, np.max)  # equal on channels that must share one scale
 
         def scales(a: float) -> np.ndarray:
-            s = np.maximum(absmax, 1e-5) ** a / np.maximum(w_max, 1e-5) ** (1 - a)
+            s = np.maximum(a_max, 1e-5) ** a / np.maximum(w_max, 1e-5) ** (1 - a)
             return np.clip(s, 1e-5, None).astype(np.float32)
 
         if alpha != "search":
@@ -82,7 +83,7 @@ class ActivationQuantizer:
                 continue
             absmax = self.stats[todo[0].node.name].absmax.astype(np.float32)  # [K]
             sink = sink_of(todo[0].node.inputs[0]) if len(todo) == len(lins) and private(todo) else None
-            s = self.smoothing(todo, absmax) if sink is not None else None
+            s = self.smoothing(todo, absmax, sink) if sink is not None else None
             if s is not None:
                 fold(sink, s)
                 smoothed += len(todo)
