@@ -65,12 +65,13 @@ class ActivationQuantizer:
         x = self.stats[lins[0].node.name].rows.astype(np.float32)  # [T, K]
         refs = [x @ w for w in weights]
 
-        def loss(a: float) -> float:
-            s = scales(a)
+        def loss(s: np.ndarray) -> float:
             xq = self.fake_input(x / s, float((absmax / s).max()))
             return sum(float(np.mean((xq @ self.fake_weight(w * s[:, None]) - ref) ** 2)) for w, ref in zip(weights, refs))
 
-        return scales(float(min(np.arange(0.0, 1.0001, 0.05), key=loss)))
+        # no smoothing (s = 1) is a candidate too: alpha = 0 still divides by max|W|
+        candidates = [np.ones_like(absmax, dtype=np.float32)] + [scales(a) for a in np.arange(0.0, 1.0001, 0.05)]
+        return min(candidates, key=loss)
 
     def run(self, model: ir.Model) -> PassResult:
         graph, done, smoothed = model.graph, 0, 0
