@@ -84,12 +84,11 @@ class DecoderSession:
         B, S = input_ids.shape
         if logits_positions is None:
             logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
-        io = binding.io
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        io.bind_cpu_input("logits_positions", np.ascontiguousarray(logits_positions, dtype=np.int64))
+        binding.set_input("input_ids", input_ids)
+        binding.set_input("position_ids", position_ids)
+        binding.set_input("logits_positions", logits_positions)
         logits = binding.logits_buffer((B, logits_positions.shape[1], self.cfg.vocab_size))
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(binding.io)
         return logits
 
 
@@ -100,6 +99,16 @@ class Binding:
         self.io = io
         self._shape: tuple[int, ...] | None = None
         self._logits: np.ndarray | None = None
+        self._inputs: dict[str, np.ndarray] = {}
+
+    def set_input(self, name: str, value: np.ndarray) -> None:
+        """int64 input: rebound when its shape changes, else written into the bound buffer."""
+        buf = self._inputs.get(name)
+        if buf is None or buf.shape != value.shape:
+            buf = self._inputs[name] = np.array(value, dtype=np.int64)  # owned: the OrtValue wraps it
+            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+        else:
+            buf[...] = value
 
     def logits_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         if shape != self._shape:  # decode steps keep one shape: bound once, written in place
