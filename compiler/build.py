@@ -74,31 +74,38 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         pm.passes.clear()
         gc.collect()
         quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization else None
-        manifest = {
-            "kiln_version": __version__,
-            "name": recipe.name,
-            "recipe": recipe.resolved(),
-            "source": {"path": str(source), "digest": ckpt.digest(), "architecture": arch.ARCH, "config": asdict(cfg)},
-            "backend": {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour},
-            "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
-            "graph": {"nodes": nodes, "passes": [asdict(r) for r in pm.records]},
-            "quantization": recipe.quantization.model_dump(mode="json") if recipe.quantization else None,
-            "quality": quality,
-            "build": {
-                "seconds": round(time.perf_counter() - t0, 2),
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "host": socket.gethostname(),
-                "platform": platform.platform(),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
-        }
+        manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
         (tmp / "kiln.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine, flavour: str, nodes: int,
+              pm: PassManager, quality: dict | None, t0: float, tmp: Path) -> dict:
+    """kiln.json: what went in (recipe, source digest), what came out (I/O, files) and the build's cost."""
+    return {
+        "kiln_version": __version__,
+        "name": recipe.name,
+        "recipe": recipe.resolved(),
+        "source": {"path": str(source), "digest": ckpt.digest(), "architecture": arch.ARCH, "config": asdict(cfg)},
+        "backend": {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour},
+        "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
+        "graph": {"nodes": nodes, "passes": [asdict(r) for r in pm.records]},
+        "quantization": recipe.quantization.model_dump(mode="json") if recipe.quantization else None,
+        "quality": quality,
+        "build": {
+            "seconds": round(time.perf_counter() - t0, 2),
+            # this process only: the quality gate's fp32 reference is built in a child process
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+    }
 
 
 def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -> list:
