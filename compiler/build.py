@@ -46,34 +46,35 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     if recipe.max_seq > cfg.max_position_embeddings:
         raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
                         "lower max_seq in the recipe")
+    if recipe.backend == "tensorrt":
+        from compiler.backends.tensorrt import backend as trt_backend
+
+        trt_backend.check_recipe(recipe.quantization, cfg)  # before calibration and any build work
     model = arch.build(cfg, ckpt, recipe.max_seq)
     pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress), dump_dir=dump_ir)
     model = pm.run(model)
-    flavour = "standard"
-    if recipe.onnxruntime.graph == "contrib":
-        model = legalise(model, cfg)
-        flavour = "ort-contrib"
     facts = ort_backend.ModelFacts(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, _generation(ckpt))
-    entries = {"session.qdq_matmulnbits_accuracy_level": str(recipe.onnxruntime.int4_accuracy_level)}
-    if recipe.quantization is not None and recipe.quantization.scheme == "fp8":
-        # ORT 1.31 fuses Q/DQ + MatMul into MatMulIntegerToFloat, which rejects float8: keep QDQ as is
-        entries["session.disable_quant_qdq"] = "1"
-    session = SessionConfig(intra_op_threads=recipe.onnxruntime.intra_op_threads, config_entries=entries)
-
+    if recipe.backend == "tensorrt":
+        trt_backend.check(model, facts, cfg.num_heads)
     dest = out_root / recipe.name
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", suffix=".tmp", dir=out_root))
     tmp.chmod(0o755)
     try:
-        engine = ort_backend.emit(model, facts, tmp, max_batch=recipe.max_batch, max_seq=recipe.max_seq,
-                                  session=session, graph_flavour=flavour, progress=progress)
+        if recipe.backend == "tensorrt":
+            engine = trt_backend.emit(model, facts, cfg.num_heads, tmp, recipe.tensorrt, max_batch=recipe.max_batch,
+                                      max_seq=recipe.max_seq, progress=progress)
+            flavour = f"tensorrt-network {engine.tensorrt.precision}"
+        else:
+            engine, flavour = _emit_onnxruntime(recipe, model, cfg, facts, tmp, progress)
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
         nodes = len(model.graph)
         del model  # the quality gate loads engines: free the graph and the calibration data first
         pm.passes.clear()
         gc.collect()
-        quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization else None
+        # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
+        quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization and recipe.backend == "onnxruntime" else None
         manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
         (tmp / "kiln.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _replace_dir(tmp, dest)
@@ -81,6 +82,21 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _emit_onnxruntime(recipe: Recipe, model, cfg, facts, tmp: Path, progress: bool):
+    flavour = "standard"
+    if recipe.onnxruntime.graph == "contrib":
+        model = legalise(model, cfg)
+        flavour = "ort-contrib"
+    entries = {"session.qdq_matmulnbits_accuracy_level": str(recipe.onnxruntime.int4_accuracy_level)}
+    if recipe.quantization is not None and recipe.quantization.scheme == "fp8":
+        # ORT 1.31 fuses Q/DQ + MatMul into MatMulIntegerToFloat, which rejects float8: keep QDQ as is
+        entries["session.disable_quant_qdq"] = "1"
+    session = SessionConfig(intra_op_threads=recipe.onnxruntime.intra_op_threads, config_entries=entries)
+    engine = ort_backend.emit(model, facts, tmp, max_batch=recipe.max_batch, max_seq=recipe.max_seq,
+                              session=session, graph_flavour=flavour, progress=progress)
+    return engine, flavour
 
 
 def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine, flavour: str, nodes: int,
@@ -91,7 +107,7 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
         "name": recipe.name,
         "recipe": recipe.resolved(),
         "source": {"path": str(source), "digest": ckpt.digest(), "architecture": arch.ARCH, "config": asdict(cfg)},
-        "backend": {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour},
+        "backend": _backend_record(engine, flavour),
         "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
         "graph": {"nodes": nodes, "passes": [asdict(r) for r in pm.records]},
         "quantization": recipe.quantization.model_dump(mode="json") if recipe.quantization else None,
@@ -106,6 +122,14 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
         },
         "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
     }
+
+
+def _backend_record(engine, flavour: str) -> dict:
+    if engine.tensorrt is not None:
+        t = engine.tensorrt
+        return {"name": t.flavour, "version": t.version, "graph": flavour, "precision": t.precision,
+                "targets": t.targets, "profiles": t.profiles}
+    return {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour}
 
 
 def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -> list:

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.errors import KilnError
 from compiler.passes.quant import QuantConfig
 
@@ -43,12 +44,13 @@ class Recipe(_Strict):
     schema_version: Literal[1] = Field(alias="schema")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     source: str
-    backend: Literal["onnxruntime"] = "onnxruntime"
-    dtype: Literal["float32"] = "float32"
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    dtype: Literal["float32"] = "float32"  # the IR's; tensorrt.precision sets the engine's
     max_batch: int = Field(4, gt=0, le=256)
     max_seq: int = Field(2048, gt=0, le=131072)
     passes: list[str] = ["merge_qkv", "merge_gate_up", "dedupe_constants", "dce", "shape_inference"]
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+    tensorrt: TensorRTOptions = TensorRTOptions()
     quantization: QuantConfig | None = None
     quality: QualityLimits = QualityLimits()
 

@@ -55,6 +55,17 @@ class GenerationDefaults:
 
 
 @dataclass(frozen=True)
+class TensorRTSpec:
+    """What a TensorRT engine was built for: checked at load time."""
+
+    flavour: str  # "tensorrt_rtx" | "tensorrt"
+    version: str
+    precision: str  # "float16" | "bfloat16"
+    targets: list[str]  # compute capabilities, e.g. ["SM80", "SM89"]
+    profiles: list[dict]  # per profile: {input name: [min, opt, max] shapes}
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     backend: str
     model_file: str
@@ -67,6 +78,7 @@ class EngineConfig:
     session: SessionConfig = SessionConfig()
     generation: GenerationDefaults = GenerationDefaults()
     graph_flavour: str = "standard"  # "standard" ONNX ops, or "ort-contrib" after legalisation
+    tensorrt: TensorRTSpec | None = None  # TensorRT engines only
     format: int = ENGINE_FORMAT
 
     def to_json(self) -> str:
@@ -85,6 +97,7 @@ class EngineConfig:
                 "kv_cache": KVCacheSpec(**d["kv_cache"]),
                 "session": SessionConfig(**d["session"]),
                 "generation": GenerationDefaults(**d["generation"]),
+                "tensorrt": TensorRTSpec(**d["tensorrt"]) if d.get("tensorrt") else None,
             }
         )
 
