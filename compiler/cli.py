@@ -20,6 +20,8 @@ def _build(args) -> int:
     recipe = load_recipe(args.recipe)
     if args.max_seq or args.max_batch:
         recipe = recipe.model_copy(update={k: v for k, v in (("max_seq", args.max_seq), ("max_batch", args.max_batch)) if v})
+    if args.verbose:
+        recipe = recipe.model_copy(update={"tensorrt": recipe.tensorrt.model_copy(update={"verbose_log": True})})
     manifest = build(recipe, Path(args.out), dump_ir=Path(args.dump_ir) if args.dump_ir else None, progress=not args.quiet)
     dest = Path(args.out) / recipe.name
     if args.json:
@@ -96,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dump-ir", metavar="DIR", help="write the graph after each pass into DIR")
     b.add_argument("--max-seq", type=int, help="override the recipe's max_seq")
     b.add_argument("--max-batch", type=int, help="override the recipe's max_batch")
+    b.add_argument("--verbose", action="store_true", help="tensorrt: keep the builder's VERBOSE log (DETAILED layers) in build.log")
 
     r = cmd("run", _run, "generate text with a built artifact")
     r.add_argument("artifact")

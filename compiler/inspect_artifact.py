@@ -1,6 +1,8 @@
-"""`kiln inspect`: an artifact's manifest and a summary of its graph (op counts, weight bytes).
+"""`kiln inspect`: an artifact's manifest and a summary of its graph (op counts, weight bytes),
+or for a TensorRT engine, its plan header (size, TensorRT version, compute-capability targets).
 
-The graph is loaded with onnx_ir, whose external tensors stay on disk: no weights are read.
+The graph is loaded with onnx_ir, whose external tensors stay on disk: no weights are read. A
+TensorRT plan is not deserialised (that needs a GPU): only its 64-byte header is read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def inspect_artifact(path: Path) -> dict:
         raise KilnError(f"{path} is not a kiln artifact (no kiln.json)", "pass a directory written by `kiln build`")
     manifest = json.loads(manifest_path.read_text())
     engine = json.loads((path / "engine.json").read_text())
+    if engine["backend"] == "tensorrt":
+        return _inspect_plan(path, manifest, engine)
     model = ir.load(path / engine["model_file"])
     ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
     weights = {v.const_value.dtype.name for v in model.graph.initializers.values() if v.const_value is not None}
@@ -29,7 +33,21 @@ def inspect_artifact(path: Path) -> dict:
     return {"manifest": manifest, "graph": summary, "text": _text(manifest, engine, summary)}
 
 
-def _text(m: dict, engine: dict, g: dict) -> str:
+def _inspect_plan(path: Path, manifest: dict, engine: dict) -> dict:
+    from compiler.runtime.plan import read_plan_header
+
+    try:
+        h = read_plan_header(path / engine["model_file"])
+    except ValueError as e:
+        raise KilnError(f"{path / engine['model_file']}: {e}", "rebuild the artifact with `kiln build`") from None
+    plan = {"plan_bytes": h.size, "tensorrt_version": h.version, "targets": h.targets}
+    lines = _text(manifest, engine, None).splitlines()
+    lines.insert(4, f"plan       {engine['model_file']}: {h.size / 1e6:.1f} MB, TensorRT {h.version}, targets {', '.join(h.targets)}"
+                    f", {engine['tensorrt']['precision']}")
+    return {"manifest": manifest, "plan": plan, "text": "\n".join(lines)}
+
+
+def _text(m: dict, engine: dict, g: dict | None) -> str:
     b, src = m["build"], m["source"]
     lines = [
         f"artifact   {m['name']}  (kiln {m['kiln_version']})",
@@ -37,8 +55,9 @@ def _text(m: dict, engine: dict, g: dict) -> str:
         f"backend    {m['backend']['name']} {m['backend']['version']}, graph {m['backend']['graph']}",
         f"limits     max_batch {engine['max_batch']}, max_seq {engine['max_seq']}, KV cache {engine['kv_cache']['layout']}",
         f"built      {b['finished']} on {b['host']} in {b['seconds']} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB",
-        f"graph      {g['nodes']} nodes, {g['initializers']} initializers, {g['weight_bytes'] / 1e6:.1f} MB weights ({', '.join(g['weight_dtypes'])})",
-        "ops        " + ", ".join(f"{k} {v}" for k, v in g["ops"].items()),
+        *([] if g is None else [
+            f"graph      {g['nodes']} nodes, {g['initializers']} initializers, {g['weight_bytes'] / 1e6:.1f} MB weights ({', '.join(g['weight_dtypes'])})",
+            "ops        " + ", ".join(f"{k} {v}" for k, v in g["ops"].items())]),
         "inputs     " + ", ".join(f"{t['name']}{t['shape']}" for t in engine["inputs"][:4]) + (" ..." if len(engine["inputs"]) > 4 else ""),
         "files      " + ", ".join(sorted(m["files"])),
     ]

@@ -66,7 +66,12 @@ class Engine:
         self.config = EngineConfig.load(self.path / "engine.json")
         self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
         self.text = Text(self.path)
-        self.session = DecoderSession(self.path, self.config, threads, config_entries)
+        if self.config.backend == "tensorrt":
+            from compiler.runtime.tensorrt_session import TensorRTSession
+
+            self.session = TensorRTSession(self.path, self.config)
+        else:
+            self.session = DecoderSession(self.path, self.config, threads, config_entries)
 
     # -- public API -----------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **kw) -> Generation | list[Generation]:

@@ -1,7 +1,8 @@
 """TensorRT backend: IR -> network (network.py and the op tables) -> serialised engine.
 
 Writes `rank0.engine`, `build.log` (the builder's log; VERBOSE with DETAILED layer info when the
-recipe asks) and `engine.json`. The timing cache is loaded before and saved after each build.
+recipe asks) and `engine.json`. With `tensorrt` the timing cache is loaded before and saved after
+each build (TensorRT-RTX has none: it does not time kernels at build time).
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts
     specs_in = _add_inputs(lw, model.graph, kv_shape)
     _lower(lw, model.graph, progress)
     specs_out = _mark_outputs(lw, model.graph)
+    _release_weights(model.graph)
     config = builder.create_builder_config()
     config.builder_optimization_level = opts.opt_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED if opts.verbose_log else trt.ProfilingVerbosity.LAYER_NAMES_ONLY
     trt_module.set_targets(flavour, config, opts.targets)
     profiles = _profiles(builder, config, lw, opts, max_batch, max_seq, kv_shape)
-    cache_path = Path(os.path.expanduser(opts.timing_cache)) if opts.timing_cache else None
+    use_cache = opts.timing_cache and trt_module.has_timing_cache(flavour)
+    cache_path = Path(os.path.expanduser(opts.timing_cache)) if use_cache else None
     cache = _load_timing_cache(config, cache_path)
     plan = builder.build_serialized_network(lw.net, config)
     (out_dir / LOG_FILE).write_text("\n".join(log.lines) + "\n")
@@ -135,6 +138,13 @@ def _lower(lw: Lowering, graph: ir.Graph, progress: bool) -> None:
             for v, t in zip(node.outputs, outs):
                 lw.values[v] = t
             bar.advance(task)
+
+
+def _release_weights(graph: ir.Graph) -> None:
+    """The network holds its own (converted) copies now: drop the IR's so the build's peak memory
+    holds one copy of the weights. The model must not be used for anything but its structure after."""
+    for v in graph.initializers.values():
+        v.const_value = None
 
 
 def _mark_outputs(lw: Lowering, graph: ir.Graph) -> list[TensorSpec]:

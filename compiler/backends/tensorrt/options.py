@@ -37,5 +37,5 @@ class TensorRTOptions(_Strict):
     opt_level: int = Field(3, ge=0, le=5, description="builder optimisation level")
     profiles: list[Profile] = Field([Profile()], min_length=1)
     timing_cache: str | None = Field("~/.cache/kiln/trt-timing.cache",
-                                     description="reused between builds; null disables it")
+                                     description="reused between builds (tensorrt; TensorRT-RTX has none); null disables it")
     verbose_log: bool = Field(False, description="keep the builder's VERBOSE log in build.log")

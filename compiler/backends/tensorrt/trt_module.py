@@ -55,3 +55,9 @@ def set_targets(f: Flavour, config, targets: list[str]) -> None:
     config.num_compute_capabilities = len(targets)
     for i, t in enumerate(targets):
         config.set_compute_capability(getattr(f.trt.ComputeCapability, t), i)
+
+
+def has_timing_cache(f: Flavour) -> bool:
+    """TensorRT-RTX builds ahead of time without timing kernels: its timing-cache calls are
+    deprecated no-ops (it warns so), so the cache is loaded and saved for tensorrt only."""
+    return not f.is_rtx

@@ -1,0 +1,84 @@
+"""Real TensorRT-RTX engine builds on CPU, checked from the build's own record (engine.json,
+kiln.json, build.log) and the plan header; and the refusals that happen before any build work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compiler.errors import KilnError
+from compiler.runtime.plan import read_plan_header
+from tests.conftest import build_artifact
+
+pytest.importorskip("tensorrt_rtx")
+
+TARGETS = ["SM80", "SM89"]
+
+
+def trt_build(src, tmp_path, name, **fields):
+    trt = {"targets": TARGETS, "timing_cache": str(tmp_path / "timing.cache"), **fields.pop("tensorrt", {})}
+    return build_artifact(src, tmp_path, name, backend="tensorrt", max_seq=128, max_batch=2, tensorrt=trt, **fields)
+
+
+@pytest.mark.parametrize("arch,precision", [("llama", "float16"), ("qwen2", "float16"), ("mistral", "bfloat16")])
+def test_engine_build_records_bindings_profiles_and_targets(tiny_checkpoints, tmp_path, arch, precision):
+    art = trt_build(tiny_checkpoints[arch], tmp_path, f"{arch}-trt", tensorrt={"precision": precision})
+    engine = json.loads((art / "engine.json").read_text())
+    manifest = json.loads((art / "kiln.json").read_text())
+    assert engine["backend"] == "tensorrt" and engine["model_file"] == "rank0.engine"
+    names = {t["name"]: t for t in engine["inputs"]}
+    assert names["input_ids"]["dtype"] == names["position_ids"]["dtype"] == "int32"
+    assert names["past_key.0"]["dtype"] == precision and names["past_key.0"]["shape"] == ["batch", 2, 128, 16]
+    outs = {t["name"]: t for t in engine["outputs"]}
+    assert outs["logits"]["dtype"] == "float32" and "present_value.1" in outs
+    assert engine["kv_cache"]["dtype"] == precision
+    t = engine["tensorrt"]
+    assert t["targets"] == TARGETS and t["precision"] == precision
+    assert t["profiles"] == [{"batch": [1, 1, 2], "input_len": [1, 128, 128], "logits": [1, 1, 128], "kv_len": 128}]
+    assert manifest["backend"]["name"] == "tensorrt_rtx" and manifest["backend"]["targets"] == TARGETS
+    header = read_plan_header(art / "rank0.engine")
+    assert header.targets == TARGETS and header.size == (art / "rank0.engine").stat().st_size
+    log = (art / "build.log").read_text()
+    assert "Engine generation completed" in log
+    assert "ERROR" not in log.replace("cudaError", "")
+
+
+@pytest.mark.parametrize("quantization", [
+    {"scheme": "int4-rtn", "group_size": 32, "symmetric": True},
+    {"scheme": "int8-wo"},
+])
+def test_quantised_engine_builds(tiny_checkpoints, tmp_path, quantization):
+    art = trt_build(tiny_checkpoints["llama"], tmp_path, "q-trt", quantization=quantization, quality={"window": 64})
+    assert read_plan_header(art / "rank0.engine").size > 0
+    manifest = json.loads((art / "kiln.json").read_text())
+    assert manifest["quantization"]["scheme"] == quantization["scheme"]
+
+
+def test_profiles_and_custom_targets(tiny_checkpoints, tmp_path):
+    art = trt_build(tiny_checkpoints["llama"], tmp_path, "p-trt",
+                    tensorrt={"targets": ["SM86"], "profiles": [{"batch": [1, 2, 2], "input_len": [1, 16, 64]}]})
+    engine = json.loads((art / "engine.json").read_text())
+    assert engine["tensorrt"]["profiles"][0]["input_len"] == [1, 16, 64]
+    assert read_plan_header(art / "rank0.engine").targets == ["SM86"]
+
+
+def test_sliding_window_is_refused_before_building(tiny_checkpoints, tmp_path):
+    with pytest.raises(KilnError, match="sliding-window") as e:
+        trt_build(tiny_checkpoints["mistral_window16"], tmp_path, "w-trt")
+    assert "backend: onnxruntime" in e.value.fix
+    assert not list(tmp_path.glob("*w-trt*"))
+
+
+@pytest.mark.parametrize("quantization,match", [
+    ({"scheme": "int4-rtn", "group_size": 64, "symmetric": True}, "group_size 64 does not divide K=160"),
+    ({"scheme": "int4-rtn", "group_size": 32, "symmetric": False}, "signed int4 only"),
+])
+def test_int4_rules_are_checked_before_calibration(tiny_checkpoints, tmp_path, quantization, match):
+    with pytest.raises(KilnError, match=match):
+        trt_build(tiny_checkpoints["llama"], tmp_path, "r-trt", quantization=quantization)
+
+
+def test_profile_beyond_the_recipe_limits_is_refused(tiny_checkpoints, tmp_path):
+    with pytest.raises(KilnError, match="exceeds max_batch"):
+        trt_build(tiny_checkpoints["llama"], tmp_path, "l-trt", tensorrt={"profiles": [{"batch": [1, 1, 8]}]})
