@@ -49,7 +49,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     if recipe.backend == "tensorrt":
         from compiler.backends.tensorrt import backend as trt_backend
 
-        trt_backend.check_recipe(recipe.quantization, cfg)  # before calibration and any build work
+        trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration and any build work
     model = arch.build(cfg, ckpt, recipe.max_seq)
     pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress), dump_dir=dump_ir)
     model = pm.run(model)

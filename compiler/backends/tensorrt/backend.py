@@ -25,8 +25,17 @@ OPS = {**ops.OPS, **attention.OPS, **quant.OPS}
 _INT_INPUTS = ("input_ids", "position_ids", "logits_positions")  # int64 in the IR, int32 bindings
 
 
-def check_recipe(quant, cfg) -> None:
+# quantised dtypes the listed GPUs lack ("HW-specific datatypes" to the builder)
+_DTYPE_TARGETS = {"fp8": ("SM89", "SM120", "SM121"), "int4": ("SM80", "SM86", "SM89", "SM120", "SM121")}
+
+
+def check_recipe(quant, cfg, targets: list[str]) -> None:
     """What can be refused from the recipe and the model config alone, before calibration."""
+    kind = None if quant is None else ("int4" if quant.scheme.startswith("int4") else quant.scheme)
+    bad = [t for t in targets if kind in _DTYPE_TARGETS and t not in _DTYPE_TARGETS[kind]]
+    if bad:
+        raise KilnError(f"TensorRT backend: {kind} weights cannot be compiled for {', '.join(bad)} (the GPU lacks the datatype)",
+                        f"set tensorrt.targets to a subset of {list(_DTYPE_TARGETS[kind])}")
     if cfg.num_heads % cfg.num_kv_heads:
         raise KilnError(f"TensorRT backend: query heads ({cfg.num_heads}) must be a multiple of KV heads "
                         f"({cfg.num_kv_heads}) for TensorRT's GQA", "use backend: onnxruntime for this model")
@@ -78,7 +87,8 @@ def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts
     (out_dir / LOG_FILE).write_text("\n".join(log.lines) + "\n")
     if plan is None:
         raise KilnError(f"TensorRT could not build the engine: {log.last_error() or 'no error was logged'}",
-                        f"see {out_dir.name}/{LOG_FILE} (kept only on success) or rerun with tensorrt.verbose_log: true")
+                        "check the recipe's targets, precision and quantisation against that message; "
+                        "`kiln build --verbose` shows the builder's full log")
     with open(out_dir / ENGINE_FILE, "wb") as f:
         f.write(memoryview(plan))
     _save_timing_cache(config, cache, cache_path)

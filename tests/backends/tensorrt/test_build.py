@@ -44,12 +44,18 @@ def test_engine_build_records_bindings_profiles_and_targets(tiny_checkpoints, tm
     assert "ERROR" not in log.replace("cudaError", "")
 
 
+CAL = {"samples": 2, "seq_len": 64}
+
+
 @pytest.mark.parametrize("quantization", [
     {"scheme": "int4-rtn", "group_size": 32, "symmetric": True},
     {"scheme": "int8-wo"},
+    {"scheme": "int8-sq", "calibration": CAL},
+    {"scheme": "fp8", "calibration": CAL},
 ])
 def test_quantised_engine_builds(tiny_checkpoints, tmp_path, quantization):
-    art = trt_build(tiny_checkpoints["llama"], tmp_path, "q-trt", quantization=quantization, quality={"window": 64})
+    targets = ["SM89", "SM120"] if quantization["scheme"] == "fp8" else TARGETS
+    art = trt_build(tiny_checkpoints["llama"], tmp_path, "q-trt", quantization=quantization, tensorrt={"targets": targets})
     assert read_plan_header(art / "rank0.engine").size > 0
     manifest = json.loads((art / "kiln.json").read_text())
     assert manifest["quantization"]["scheme"] == quantization["scheme"]
@@ -73,6 +79,7 @@ def test_sliding_window_is_refused_before_building(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize("quantization,match", [
     ({"scheme": "int4-rtn", "group_size": 64, "symmetric": True}, "group_size 64 does not divide K=160"),
     ({"scheme": "int4-rtn", "group_size": 32, "symmetric": False}, "signed int4 only"),
+    ({"scheme": "fp8", "calibration": CAL}, "fp8 weights cannot be compiled for SM80"),
 ])
 def test_int4_rules_are_checked_before_calibration(tiny_checkpoints, tmp_path, quantization, match):
     with pytest.raises(KilnError, match=match):
