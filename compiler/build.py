@@ -29,6 +29,7 @@ from compiler.backends.onnxruntime import backend as ort_backend
 from compiler.backends.onnxruntime.legalise import legalise
 from compiler.errors import KilnError
 from compiler.frontend import models
+from compiler.memory import return_freed_memory
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.sources import resolve_source
 from compiler.passes import PassManager, make
@@ -53,6 +54,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     model = arch.build(cfg, ckpt, recipe.max_seq)
     pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress), dump_dir=dump_ir)
     model = pm.run(model)
+    return_freed_memory()  # calibration's buffers, before the backend's own peak
     facts = ort_backend.ModelFacts(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, _generation(ckpt))
     if recipe.backend == "tensorrt":
         trt_backend.check(model, facts, cfg.num_heads)

@@ -17,6 +17,7 @@ from compiler.backends.tensorrt import attention, ops, quant, trt_module
 from compiler.backends.tensorrt.network import Lowering, LoweringError
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.errors import KilnError
+from compiler.memory import return_freed_memory
 from compiler.runtime.config import EngineConfig, KVCacheSpec, TensorRTSpec, TensorSpec
 
 ENGINE_FILE = "rank0.engine"
@@ -84,6 +85,8 @@ def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts
     cache_path = Path(os.path.expanduser(opts.timing_cache)) if use_cache else None
     cache = _load_timing_cache(config, cache_path)
     plan = builder.build_serialized_network(lw.net, config)
+    del lw, builder  # the network and its weights: only the plan is needed now
+    return_freed_memory()
     (out_dir / LOG_FILE).write_text("\n".join(log.lines) + "\n")
     if plan is None:
         raise KilnError(f"TensorRT could not build the engine: {log.last_error() or 'no error was logged'}",
@@ -155,6 +158,7 @@ def _release_weights(graph: ir.Graph) -> None:
     holds one copy of the weights. The model must not be used for anything but its structure after."""
     for v in graph.initializers.values():
         v.const_value = None
+    return_freed_memory()
 
 
 def _mark_outputs(lw: Lowering, graph: ir.Graph) -> list[TensorSpec]:
