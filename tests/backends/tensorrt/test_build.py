@@ -4,12 +4,16 @@ kiln.json, build.log) and the plan header; and the refusals that happen before a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import yaml
 
+from compiler.build import build
 from compiler.errors import KilnError
+from compiler.recipe import parse_recipe
 from compiler.runtime.plan import read_plan_header
-from tests.conftest import build_artifact
+from tests.conftest import ROOT, SMOLLM2_DIR, build_artifact
 
 pytest.importorskip("tensorrt_rtx")
 
@@ -89,3 +93,17 @@ def test_int4_rules_are_checked_before_calibration(tiny_checkpoints, tmp_path, q
 def test_profile_beyond_the_recipe_limits_is_refused(tiny_checkpoints, tmp_path):
     with pytest.raises(KilnError, match="exceeds max_batch"):
         trt_build(tiny_checkpoints["llama"], tmp_path, "l-trt", tensorrt={"profiles": [{"batch": [1, 1, 8]}]})
+
+
+@pytest.mark.skipif(not (SMOLLM2_DIR / "config.json").is_file(), reason="run `make model` first")
+def test_smollm2_recipe_engine(tmp_path):
+    """The shipped fp16 recipe: bindings of the real model, plan within 10% of its weight bytes."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-trt.yaml").read_text())
+    recipe["source"] = str(SMOLLM2_DIR)
+    build(parse_recipe(recipe), tmp_path, progress=False)
+    art = tmp_path / recipe["name"]
+    engine = json.loads((art / "engine.json").read_text())
+    assert len(engine["inputs"]) == 3 + 2 * 30 and engine["max_seq"] == 2048
+    assert {t["name"]: t["shape"] for t in engine["inputs"]}["past_key.29"] == ["batch", 3, 2048, 64]
+    weights = int(re.search(r"Total Weights Memory: (\d+)", (art / "build.log").read_text()).group(1))
+    assert weights > 250e6 and (art / "rank0.engine").stat().st_size <= 1.1 * weights
