@@ -22,6 +22,10 @@ TINY_ARCHS = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "mistral_window16": ("MistralConfig", {"sliding_window": 16}),  # prompts and decode run past the window
     "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 24}),  # head_dim != hidden / heads
+    "phi3": ("Phi3Config", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 24,
+                                    "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True}),
 }
 
 
@@ -53,10 +57,10 @@ def make_tiny(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
     import transformers
 
     cls_name, extra = TINY_ARCHS[arch]
-    cfg = getattr(transformers, cls_name)(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
-        pad_token_id=0, **{**extra, **overrides})
+    fields = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
+                  pad_token_id=0)
+    cfg = getattr(transformers, cls_name)(**{**fields, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random weights large enough that the logits differ meaningfully

@@ -27,11 +27,14 @@ class DecoderInputs:
     write_index: ir.Value  # [B] int64, where this call's first token lands in the cache
     mask: ir.Value  # [B, 1, S, M] bool, True = may attend
     window_mask: ir.Value | None  # same, with the sliding window applied
-    cos: ir.Value  # [M, D/2]
-    sin: ir.Value  # [M, D/2]
+    cos: ir.Value  # [M, R/2], R = rotary dims of a head
+    sin: ir.Value  # [M, R/2]
+    rotary_dim: int  # R; < D rotates only the first R dims of each head
+    local: tuple[ir.Value, ir.Value] | None = None  # cos/sin of sliding-window layers (Gemma 3)
 
 
-def decoder_inputs(b: GraphBuilder, max_seq: int, rotary: tuple[np.ndarray, np.ndarray], window: int | None) -> DecoderInputs:
+def decoder_inputs(b: GraphBuilder, max_seq: int, rotary: tuple[np.ndarray, np.ndarray], window: int | None,
+                   local_rotary: tuple[np.ndarray, np.ndarray] | None = None) -> DecoderInputs:
     position_ids = b.input("position_ids", ir.DataType.INT64, ["batch", "seq"])
     with b.scope("inputs"):
         first = b.op("Slice", [position_ids, b.const(np.array([0]), "starts"), b.const(np.array([1]), "ends"),
@@ -47,7 +50,10 @@ def decoder_inputs(b: GraphBuilder, max_seq: int, rotary: tuple[np.ndarray, np.n
             window_mask = b.op("And", [mask, inside], "window_mask")
         cos = b.const(rotary[0], "cos_cache")
         sin = b.const(rotary[1], "sin_cache")
-    return DecoderInputs(position_ids, write_index, mask, window_mask, cos, sin)
+        local = None
+        if local_rotary is not None:
+            local = (b.const(local_rotary[0], "local_cos_cache"), b.const(local_rotary[1], "local_sin_cache"))
+    return DecoderInputs(position_ids, write_index, mask, window_mask, cos, sin, 2 * rotary[0].shape[1], local)
 
 
 def rms_norm(b: GraphBuilder, x: ir.Value, weight: ir.Value, eps: float) -> ir.Value:
@@ -66,9 +72,21 @@ def split_heads(b: GraphBuilder, x: ir.Value, heads: int, head_dim: int, leaf: s
     return b.op("Transpose", [x4], f"{leaf}_transpose", perm=[0, 2, 1, 3])
 
 
-def rotary(b: GraphBuilder, x: ir.Value, inp: DecoderInputs, heads: int, leaf: str) -> ir.Value:
-    """RotaryEmbedding on [B, S, N*D] (non-interleaved halves, as transformers' rotate_half)."""
-    return b.op("RotaryEmbedding", [x, inp.cos, inp.sin, inp.position_ids], leaf, num_heads=heads, interleaved=0)
+def rotary(b: GraphBuilder, x: ir.Value, inp: DecoderInputs, heads: int, head_dim: int, leaf: str, local: bool = False) -> ir.Value:
+    """RotaryEmbedding on [B, S, N*D] (non-interleaved halves, as transformers' rotate_half);
+    partial rotary (R < D) rotates the first R dims of each head and passes the rest."""
+    cos, sin = inp.local if local and inp.local is not None else (inp.cos, inp.sin)
+    attrs = {"num_heads": heads, "interleaved": 0}
+    if inp.rotary_dim != head_dim:
+        attrs["rotary_embedding_dim"] = inp.rotary_dim
+    return b.op("RotaryEmbedding", [x, cos, sin, inp.position_ids], leaf, **attrs)
+
+
+def head_norm(b: GraphBuilder, x: ir.Value, weight: ir.Value, heads: int, head_dim: int, eps: float, leaf: str) -> ir.Value:
+    """RMSNorm of each head: [B, S, N*D] -> [B, S, N, D] -> norm over D (weight [D]) -> [B, S, N*D]."""
+    x4 = b.op("Reshape", [x, b.const(np.array([0, 0, heads, head_dim]), "heads_shape")], f"{leaf}_split_heads")
+    y = b.op("RMSNormalization", [x4, weight], leaf, axis=-1, epsilon=eps)
+    return b.op("Reshape", [y, b.const(np.array([0, 0, heads * head_dim]), "merge_shape")], f"{leaf}_merge_heads")
 
 
 def cached_attention(
@@ -81,6 +99,7 @@ def cached_attention(
     inp: DecoderInputs,
     heads: tuple[int, int, int],  # Nq, Nkv, D
     sliding: bool = False,
+    scale: float | None = None,  # default 1/sqrt(D)
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Returns attention output [B, S, Nq*D] and the updated caches."""
     nq, nkv, d = heads
@@ -90,18 +109,22 @@ def cached_attention(
     present_k = b.op("TensorScatter", [past_k, k4, inp.write_index], "k_cache_update", axis=2)
     present_v = b.op("TensorScatter", [past_v, v4, inp.write_index], "v_cache_update", axis=2)
     mask = inp.window_mask if sliding and inp.window_mask is not None else inp.mask
-    y = b.op("Attention", [q4, present_k, present_v, mask], "Attention", scale=1.0 / math.sqrt(d))  # [B,Nq,S,D]
+    y = b.op("Attention", [q4, present_k, present_v, mask], "Attention", scale=scale or 1.0 / math.sqrt(d))  # [B,Nq,S,D]
     y = b.op("Transpose", [y], "merge_transpose", perm=[0, 2, 1, 3])
     y = b.op("Reshape", [y, b.const(np.array([0, 0, nq * d]), "merge_shape")], "merge_reshape")
     return y, present_k, present_v
 
 
-def swiglu(b: GraphBuilder, gate: ir.Value, up: ir.Value) -> ir.Value:
-    """silu(gate) * up, [B, S, I]. SiLU as x * Sigmoid(x): ONNX Runtime 1.31 has no Swish-24 kernel
-    (it inlines Swish with a Cast per layer) but fuses this pair into one kernel."""
-    sig = b.op("Sigmoid", [gate], "act_sigmoid")
-    act = b.op("Mul", [gate, sig], "act")
-    return b.op("Mul", [act, up], "gate_mul")
+def gated_mlp(b: GraphBuilder, gate: ir.Value, up: ir.Value, act: str = "silu") -> ir.Value:
+    """act(gate) * up, [B, S, I]. SiLU as x * Sigmoid(x): ONNX Runtime 1.31 has no Swish-24 kernel
+    (it inlines Swish with a Cast per layer) but fuses this pair into one kernel. gelu_tanh is
+    Gelu-20 with approximate="tanh" (Gemma's gelu_pytorch_tanh)."""
+    if act == "gelu_tanh":
+        a = b.op("Gelu", [gate], "act", approximate="tanh")
+    else:
+        sig = b.op("Sigmoid", [gate], "act_sigmoid")
+        a = b.op("Mul", [gate, sig], "act")
+    return b.op("Mul", [a, up], "gate_mul")
 
 
 def select_positions(b: GraphBuilder, x: ir.Value) -> ir.Value:

@@ -14,7 +14,7 @@ import numpy as np
 
 from compiler.errors import KilnError
 
-SUPPORTED = ("default", "linear", "llama3")
+SUPPORTED = ("default", "linear", "llama3", "dynamic", "longrope")
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,15 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    partial_rotary_factor: float = 1.0  # rotate only this fraction of each head's dims
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to the original length
+    attention_factor: float = 1.0  # longrope: cos/sin are multiplied by it
+    max_position_embeddings: int = 0  # dynamic: the length up to which it equals default rope
 
     @classmethod
-    def from_hf(cls, cfg: dict, where: str = "config.json") -> "RopeConfig":
-        params = cfg.get("rope_parameters")
+    def from_hf(cls, cfg: dict, where: str = "config.json", params: dict | None = None) -> "RopeConfig":
+        """params: one layer type's rope_parameters (Gemma 3 has one per layer type)."""
+        params = params if params is not None else cfg.get("rope_parameters")
         if params is None:  # transformers 4 style
             if "rope_theta" not in cfg:
                 raise KilnError(f"{where} has neither rope_parameters nor rope_theta", "add the model's rope_theta to config.json")
@@ -48,7 +53,15 @@ class RopeConfig:
         if rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 kw[key] = type(getattr(cls, key))(_need(params, key, where))
+        kw["partial_rotary_factor"] = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+        if rope_type == "dynamic":
+            kw["max_position_embeddings"] = int(_need(cfg, "max_position_embeddings", where))
+        if rope_type == "longrope":
+            kw.update(_longrope(cfg, params, where))
         return cls(**kw)
+
+    def rotary_dim(self, head_dim: int) -> int:
+        return int(head_dim * self.partial_rotary_factor)
 
     def inv_freq(self, rotary_dim: int) -> np.ndarray:
         """[rotary_dim/2] float32 inverse frequencies after scaling (float32, as transformers)."""
@@ -58,20 +71,44 @@ class RopeConfig:
             return (inv / np.float32(self.factor)).astype(np.float32)
         if self.rope_type == "llama3":
             return _llama3_scale(inv, self).astype(np.float32)
+        if self.rope_type == "longrope":
+            ext = np.asarray(self.short_factor, dtype=np.float32)
+            return (np.float32(1.0) / (ext * np.power(np.float32(self.theta), exponent))).astype(np.float32)
         return inv
 
     def tables(self, rotary_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin caches [max_positions, rotary_dim/2] float32, as RotaryEmbedding-23 takes them."""
+        """cos, sin caches [max_positions, rotary_dim/2] float32, as RotaryEmbedding-23 takes them.
+
+        dynamic and longrope change their frequencies once a sequence passes a length; a static
+        table can hold only the frequencies below it, so max_seq must stay below it."""
+        limit = {"dynamic": self.max_position_embeddings, "longrope": self.original_max_position_embeddings}.get(self.rope_type)
+        if limit and max_positions > limit:
+            raise KilnError(f"rope scaling {self.rope_type!r} switches frequencies past {limit} positions, which a static "
+                            f"table of max_seq {max_positions} cannot follow", f"set max_seq <= {limit} in the recipe")
         inv = self.inv_freq(rotary_dim)
         # transformers computes position * inv_freq in float32: match it bit for bit
         angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv[None, :]
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        cos, sin = np.cos(angles), np.sin(angles)
+        if self.attention_factor != 1.0:
+            cos, sin = cos * np.float32(self.attention_factor), sin * np.float32(self.attention_factor)
+        return cos.astype(np.float32), sin.astype(np.float32)
 
 
 def _need(params: dict, key: str, where: str):
     if key not in params:
         raise KilnError(f"{where}: rope scaling {params.get('rope_type')!r} lacks {key}", f"add {key} to rope_parameters")
     return params[key]
+
+
+def _longrope(cfg: dict, params: dict, where: str) -> dict:
+    """Phi-3's longrope: short factors below the original length, and the cos/sin scale."""
+    original = int(params.get("original_max_position_embeddings") or _need(cfg, "original_max_position_embeddings", where))
+    factor = params.get("factor") or int(_need(cfg, "max_position_embeddings", where)) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"short_factor": tuple(float(x) for x in _need(params, "short_factor", where)),
+            "original_max_position_embeddings": original, "attention_factor": float(attention), "factor": float(factor)}
 
 
 def _llama3_scale(inv: np.ndarray, rc: RopeConfig) -> np.ndarray:

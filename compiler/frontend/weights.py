@@ -28,8 +28,9 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in self.ckpt.index
 
-    def get(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> ir.Value:
-        """Initializer for checkpoint tensor `name`, checked against `shape` (checkpoint layout)."""
+    def get(self, name: str, shape: tuple[int, ...], transpose: bool = False, offset: float = 0.0) -> ir.Value:
+        """Initializer for checkpoint tensor `name`, checked against `shape` (checkpoint layout).
+        offset is added on read (Gemma stores RMSNorm weights as w - 1)."""
         if name not in self.ckpt.index:
             raise KilnError(f"checkpoint {self.ckpt.root} lacks weight {name}", "use the complete checkpoint for this architecture")
         info = self.ckpt.info(name)
@@ -46,7 +47,8 @@ class Weights:
         def read() -> np.ndarray:
             arr = ckpt.read(name)
             arr = arr.T if transpose else arr
-            return np.ascontiguousarray(arr, dtype=dtype)
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            return arr + dtype.type(offset) if offset else arr
 
         out_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         return self.b.weight(name, out_shape, ir.DataType.FLOAT if dtype == np.float32 else ir.DataType.FLOAT16, read)

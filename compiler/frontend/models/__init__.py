@@ -10,12 +10,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from compiler.errors import KilnError
-from compiler.frontend.models import llama, mistral, qwen2
+from compiler.frontend.models import gemma3, llama, mistral, phi3, qwen2, qwen3
 
 REGISTRY: dict[str, ModuleType] = {
     llama.ARCH: llama,
     mistral.ARCH: mistral,
     qwen2.ARCH: qwen2,
+    qwen3.ARCH: qwen3,
+    phi3.ARCH: phi3,
+    gemma3.ARCH: gemma3,
 }
 
 

@@ -1,7 +1,9 @@
 """Llama (`LlamaForCausalLM`): SmolLM2, Llama 2 and Llama 3.x (incl. `llama3` rope scaling).
 
-The decoder graph built here also serves Mistral and Qwen2, whose files only read their own
-configs: the differences (qkv bias, sliding window) are config fields, not code copies.
+The decoder graph built here also serves Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3, whose files
+read their own configs and weight names: the differences (qkv bias, sliding windows per layer,
+q/k norms, fused checkpoint projections, Gemma's (1 + w) and sandwich norms, GELU-tanh, scaled
+embeddings) are config fields and name maps, not code copies.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ WEIGHTS = {
     "mlp/gate_proj": "model.layers.{i}.mlp.gate_proj",
     "mlp/up_proj": "model.layers.{i}.mlp.up_proj",
     "mlp/down_proj": "model.layers.{i}.mlp.down_proj",
+    # only read when the config asks for them (Qwen3, Gemma 3)
+    "attn/q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "attn/k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
 
 
@@ -58,12 +63,22 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None  # per layer; None = every layer when a window is set
+    local_rope: RopeConfig | None = None  # rope of the sliding layers when it differs (Gemma 3)
+    qk_norm: bool = False  # RMSNorm of each q/k head before rotary (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # added to every RMSNorm weight (Gemma stores w - 1)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 3)
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh"
+    embed_scale: float | None = None  # embeddings multiplied by it (Gemma: sqrt(hidden))
+    query_scale: float | None = None  # attention scale; None = 1/sqrt(head_dim)
+    fused_qkv: bool = False  # the checkpoint holds one qkv_proj (Phi-3)
+    fused_gate_up: bool = False  # the checkpoint holds one gate_up_proj, gate first (Phi-3)
 
     @classmethod
     def from_hf(cls, cfg: dict, arch: str = "LlamaForCausalLM", **overrides) -> "LlamaConfig":
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise KilnError(f"config.json of {arch}: hidden_act {act!r} is not supported", "kiln builds silu (SwiGLU) MLPs")
+        act = overrides.get("hidden_act", cfg.get("hidden_act", "silu"))
+        if act not in ("silu", "gelu_tanh"):
+            raise KilnError(f"config.json of {arch}: hidden_act {act!r} is not supported", "kiln builds silu or gelu_tanh gated MLPs")
         hidden, heads = int(need(cfg, "hidden_size", arch)), int(need(cfg, "num_attention_heads", arch))
         kw = dict(
             vocab_size=int(need(cfg, "vocab_size", arch)),
@@ -74,7 +89,7 @@ class LlamaConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(need(cfg, "rms_norm_eps", arch)),
-            rope=RopeConfig.from_hf(cfg, f"config.json of {arch}"),
+            rope=overrides.pop("rope", None) or RopeConfig.from_hf(cfg, f"config.json of {arch}"),
             max_position_embeddings=int(need(cfg, "max_position_embeddings", arch)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
@@ -92,57 +107,98 @@ class LlamaConfig:
         return self.num_kv_heads, self.head_dim
 
 
-def _proj(b: GraphBuilder, w: Weights, x: ir.Value, key: str, i: int, shape: tuple[int, int], bias: bool) -> ir.Value:
-    base = WEIGHTS[key].format(i=i)
+def _proj(b: GraphBuilder, w: Weights, names: dict, x: ir.Value, key: str, i: int, shape: tuple[int, int], bias: bool) -> ir.Value:
+    base = names[key].format(i=i)
     with b.scope(key.split("/")[-1]):
         weight = w.get(base + ".weight", shape, transpose=True)
         b_val = w.get(base + ".bias", (shape[0],)) if bias else None
         return L.linear(b, x, weight, b_val)
 
 
-def _layer(b: GraphBuilder, w: Weights, c: LlamaConfig, i: int, x: ir.Value, inp: L.DecoderInputs,
-           past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """One decoder layer: x [B, S, H] -> x [B, S, H], present k/v."""
+def _norm(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, key: str, i: int, x: ir.Value) -> ir.Value:
+    with b.scope(key):
+        weight = w.get(names[key].format(i=i), (c.hidden_size,), offset=c.norm_offset)
+        return L.rms_norm(b, x, weight, c.rms_norm_eps)
+
+
+def _split(b: GraphBuilder, y: ir.Value, sizes: list[int], leaf: str) -> list[ir.Value]:
+    """A fused checkpoint projection [B, S, sum(sizes)] into its parts (what merge_qkv would emit)."""
+    return b.op("Split", [y, b.const(np.array(sizes), "split_sizes")], leaf, axis=-1, num_outputs=len(sizes))
+
+
+def _qkv(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, i: int, h: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
     H, D, nq, nkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
-    with b.scope("attn_norm"):
-        h = L.rms_norm(b, x, w.get(WEIGHTS["attn_norm"].format(i=i), (H,)), c.rms_norm_eps)
+    if c.fused_qkv:
+        qkv = _proj(b, w, names, h, "attn/qkv_proj", i, ((nq + 2 * nkv) * D, H), c.attention_bias)
+        return tuple(_split(b, qkv, [nq * D, nkv * D, nkv * D], "qkv_split"))
+    return tuple(_proj(b, w, names, h, f"attn/{p}_proj", i, (n * D, H), c.attention_bias) for p, n in (("q", nq), ("k", nkv), ("v", nkv)))
+
+
+def _attention(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, i: int, h: ir.Value, inp: L.DecoderInputs,
+               past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """h [B, S, H] -> attention output [B, S, H] and the present caches."""
+    H, D, nq, nkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
+    sliding = c.sliding_window is not None and (c.sliding_layers is None or c.sliding_layers[i])
+    q, k, v = _qkv(b, w, c, names, i, h)
+    if c.qk_norm:
+        q = L.head_norm(b, q, w.get(names["attn/q_norm"].format(i=i), (D,), offset=c.norm_offset), nq, D, c.rms_norm_eps, "q_norm")
+        k = L.head_norm(b, k, w.get(names["attn/k_norm"].format(i=i), (D,), offset=c.norm_offset), nkv, D, c.rms_norm_eps, "k_norm")
+    q = L.rotary(b, q, inp, nq, D, "q_rotary", local=sliding)
+    k = L.rotary(b, k, inp, nkv, D, "k_rotary", local=sliding)
+    y, pk, pv = L.cached_attention(b, q, k, v, past[0], past[1], inp, (nq, nkv, D), sliding=sliding, scale=c.query_scale)
+    return _proj(b, w, names, y, "attn/o_proj", i, (H, nq * D), False), pk, pv
+
+
+def _mlp(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, i: int, h: ir.Value) -> ir.Value:
+    H, I = c.hidden_size, c.intermediate_size
+    if c.fused_gate_up:
+        gate, up = _split(b, _proj(b, w, names, h, "mlp/gate_up_proj", i, (2 * I, H), c.mlp_bias), [I, I], "gate_up_split")
+    else:
+        gate = _proj(b, w, names, h, "mlp/gate_proj", i, (I, H), c.mlp_bias)
+        up = _proj(b, w, names, h, "mlp/up_proj", i, (I, H), c.mlp_bias)
+    return _proj(b, w, names, L.gated_mlp(b, gate, up, c.hidden_act), "mlp/down_proj", i, (H, I), c.mlp_bias)
+
+
+def _layer(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, i: int, x: ir.Value, inp: L.DecoderInputs,
+           past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """One decoder layer: x [B, S, H] -> x [B, S, H], present k/v. Sandwich norms (Gemma 3) also
+    normalise each block's output before the residual add."""
+    h = _norm(b, w, c, names, "attn_norm", i, x)
     with b.scope("attn"):
-        q = _proj(b, w, h, "attn/q_proj", i, (nq * D, H), c.attention_bias)
-        k = _proj(b, w, h, "attn/k_proj", i, (nkv * D, H), c.attention_bias)
-        v = _proj(b, w, h, "attn/v_proj", i, (nkv * D, H), c.attention_bias)
-        q = L.rotary(b, q, inp, nq, "q_rotary")
-        k = L.rotary(b, k, inp, nkv, "k_rotary")
-        y, pk, pv = L.cached_attention(b, q, k, v, past[0], past[1], inp, (nq, nkv, D), sliding=c.sliding_window is not None)
-        y = _proj(b, w, y, "attn/o_proj", i, (H, nq * D), False)
+        y, pk, pv = _attention(b, w, c, names, i, h, inp, past)
+    if c.sandwich_norms:
+        y = _norm(b, w, c, names, "attn_post_norm", i, y)
     x = b.op("Add", [x, y], "attn_residual")
-    with b.scope("mlp_norm"):
-        h = L.rms_norm(b, x, w.get(WEIGHTS["mlp_norm"].format(i=i), (H,)), c.rms_norm_eps)
+    h = _norm(b, w, c, names, "mlp_norm", i, x)
     with b.scope("mlp"):
-        gate = _proj(b, w, h, "mlp/gate_proj", i, (c.intermediate_size, H), c.mlp_bias)
-        up = _proj(b, w, h, "mlp/up_proj", i, (c.intermediate_size, H), c.mlp_bias)
-        y = _proj(b, w, L.swiglu(b, gate, up), "mlp/down_proj", i, (H, c.intermediate_size), c.mlp_bias)
+        y = _mlp(b, w, c, names, i, h)
+    if c.sandwich_norms:
+        y = _norm(b, w, c, names, "mlp_post_norm", i, y)
     return b.op("Add", [x, y], "mlp_residual"), pk, pv
 
 
-def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
-    """The decoder graph: input_ids, position_ids, logits_positions, past caches -> logits, present caches."""
+def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int, names: dict | None = None) -> ir.Model:
+    """The decoder graph: input_ids, position_ids, logits_positions, past caches -> logits, present caches.
+    names: the architecture's checkpoint-name map (default: Llama's WEIGHTS)."""
+    names = names or WEIGHTS
     b = GraphBuilder("kiln_decoder")
     w = Weights(ckpt, b)
     input_ids = b.input("input_ids", ir.DataType.INT64, ["batch", "seq"])
-    inp = L.decoder_inputs(b, max_seq, c.rope.tables(c.head_dim, max_seq), c.sliding_window)
+    rotary_dim = c.rope.rotary_dim(c.head_dim)
+    local = c.local_rope.tables(rotary_dim, max_seq) if c.local_rope is not None else None
+    inp = L.decoder_inputs(b, max_seq, c.rope.tables(rotary_dim, max_seq), c.sliding_window, local)
     cache_shape = ["batch", c.num_kv_heads, max_seq, c.head_dim]
     pasts = [(b.input(f"past_key.{i}", ir.DataType.FLOAT, cache_shape), b.input(f"past_value.{i}", ir.DataType.FLOAT, cache_shape))
              for i in range(c.num_layers)]
     with b.scope("embed"):
-        x, table = _embed(b, w, c, input_ids)
+        x, table = _embed(b, w, c, names, input_ids)
     presents = []
     for i in range(c.num_layers):
         with b.scope(f"layers.{i}"):
-            x, pk, pv = _layer(b, w, c, i, x, inp, pasts[i])
+            x, pk, pv = _layer(b, w, c, names, i, x, inp, pasts[i])
         presents.append((pk, pv))
     x = L.select_positions(b, x)  # [B, K, H]: only the positions whose logits are wanted
-    with b.scope("norm"):
-        x = L.rms_norm(b, x, w.get(WEIGHTS["norm"], (c.hidden_size,)), c.rms_norm_eps)
+    x = _norm(b, w, c, names, "norm", 0, x)
     with b.scope("lm_head"):
         logits = L.linear(b, x, table)  # [B, K, V]
     b.output(logits, "logits")
@@ -152,21 +208,25 @@ def build(c: LlamaConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
     return b.model()
 
 
-def _embed(b: GraphBuilder, w: Weights, c: LlamaConfig, input_ids: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _embed(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, input_ids: ir.Value) -> tuple[ir.Value, ir.Value]:
     """Token embeddings [B, S, H] and the lm_head table [H, V] for MatMul (faster than Gemm transB on CPU).
 
     Tied embeddings keep one [H, V] copy: the lookup gathers its columns and transposes."""
-    tied = c.tie_word_embeddings or not w.has(WEIGHTS["lm_head"])
+    tied = c.tie_word_embeddings or not w.has(names["lm_head"])
     if tied and not c.tie_word_embeddings:
-        raise KilnError(f"checkpoint {w.ckpt.root} lacks weight {WEIGHTS['lm_head']}",
+        raise KilnError(f"checkpoint {w.ckpt.root} lacks weight {names['lm_head']}",
                         "use the complete checkpoint, or set tie_word_embeddings in config.json")
     if tied:
-        table = w.get(WEIGHTS["embed"], (c.vocab_size, c.hidden_size), transpose=True)  # [H, V]
+        table = w.get(names["embed"], (c.vocab_size, c.hidden_size), transpose=True)  # [H, V]
         cols = b.op("Gather", [table, input_ids], "Gather", axis=1)  # [H, B, S]
-        return b.op("Transpose", [cols], "Transpose", perm=[1, 2, 0]), table
-    embed = w.get(WEIGHTS["embed"], (c.vocab_size, c.hidden_size))
-    table = w.get(WEIGHTS["lm_head"], (c.vocab_size, c.hidden_size), transpose=True)
-    return b.op("Gather", [embed, input_ids], "Gather", axis=0), table
+        x = b.op("Transpose", [cols], "Transpose", perm=[1, 2, 0])
+    else:
+        embed = w.get(names["embed"], (c.vocab_size, c.hidden_size))
+        table = w.get(names["lm_head"], (c.vocab_size, c.hidden_size), transpose=True)
+        x = b.op("Gather", [embed, input_ids], "Gather", axis=0)
+    if c.embed_scale is not None:  # in the activations' dtype, as transformers does
+        x = b.op("Mul", [x, b.const(np.array(c.embed_scale, dtype=np.float32), "scale")], "scale")
+    return x, table
 
 ARCH = "LlamaForCausalLM"
 
