@@ -73,6 +73,13 @@ def sigmoid(lw: Lowering, node: ir.Node):
     return [lw.name(layer, node).get_output(0)]
 
 
+def gelu(lw: Lowering, node: ir.Node):
+    approx = _attr(node, "approximate", "none")
+    kind = {"tanh": "GELU_TANH", "none": "GELU_ERF"}[approx]
+    layer = lw.net.add_activation(lw.get(node.inputs[0]), getattr(lw.trt.ActivationType, kind))
+    return [lw.name(layer, node).get_output(0)]
+
+
 def split(lw: Lowering, node: ir.Node):
     """Split along the last axis into constant sizes: one slice each, leading dims dynamic."""
     x = lw.get(node.inputs[0])
@@ -139,6 +146,7 @@ OPS = {
     "Mul": _elementwise("PROD"),
     "Div": _elementwise("DIV"),
     "Sigmoid": sigmoid,
+    "Gelu": gelu,
     "Split": split,
     "GatherND": gather_nd,
     "RMSNormalization": rms_norm,

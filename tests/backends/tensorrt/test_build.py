@@ -22,10 +22,11 @@ TARGETS = ["SM80", "SM89"]
 
 def trt_build(src, tmp_path, name, **fields):
     trt = {"targets": TARGETS, "timing_cache": str(tmp_path / "timing.cache"), **fields.pop("tensorrt", {})}
-    return build_artifact(src, tmp_path, name, backend="tensorrt", max_seq=128, max_batch=2, tensorrt=trt, **fields)
+    return build_artifact(src, tmp_path, name, **{"backend": "tensorrt", "max_seq": 128, "max_batch": 2, "tensorrt": trt, **fields})
 
 
-@pytest.mark.parametrize("arch,precision", [("llama", "float16"), ("qwen2", "float16"), ("mistral", "bfloat16")])
+@pytest.mark.parametrize("arch,precision", [("llama", "float16"), ("qwen2", "float16"), ("mistral", "bfloat16"),
+                                            ("qwen3", "float16"), ("phi3", "bfloat16")])
 def test_engine_build_records_bindings_profiles_and_targets(tiny_checkpoints, tmp_path, arch, precision):
     art = trt_build(tiny_checkpoints[arch], tmp_path, f"{arch}-trt", tensorrt={"precision": precision})
     engine = json.loads((art / "engine.json").read_text())
@@ -33,7 +34,8 @@ def test_engine_build_records_bindings_profiles_and_targets(tiny_checkpoints, tm
     assert engine["backend"] == "tensorrt" and engine["model_file"] == "rank0.engine"
     names = {t["name"]: t for t in engine["inputs"]}
     assert names["input_ids"]["dtype"] == names["position_ids"]["dtype"] == "int32"
-    assert names["past_key.0"]["dtype"] == precision and names["past_key.0"]["shape"] == ["batch", 2, 128, 16]
+    head_dim = 24 if arch == "qwen3" else 16
+    assert names["past_key.0"]["dtype"] == precision and names["past_key.0"]["shape"] == ["batch", 2, 128, head_dim]
     outs = {t["name"]: t for t in engine["outputs"]}
     assert outs["logits"]["dtype"] == "float32" and "present_value.1" in outs
     assert engine["kv_cache"]["dtype"] == precision
@@ -73,11 +75,20 @@ def test_profiles_and_custom_targets(tiny_checkpoints, tmp_path):
     assert read_plan_header(art / "rank0.engine").targets == ["SM86"]
 
 
-def test_sliding_window_is_refused_before_building(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("arch", ["mistral_window16", "gemma3"])
+def test_sliding_window_is_refused_before_building(tiny_checkpoints, tmp_path, arch):
     with pytest.raises(KilnError, match="sliding-window") as e:
-        trt_build(tiny_checkpoints["mistral_window16"], tmp_path, "w-trt")
+        trt_build(tiny_checkpoints[arch], tmp_path, "w-trt")
     assert "backend: onnxruntime" in e.value.fix
     assert not list(tmp_path.glob("*w-trt*"))
+
+
+def test_gemma3_builds_when_the_window_covers_max_seq(tiny_checkpoints, tmp_path):
+    """No window mask is needed when every sequence fits in the window: local and global rope,
+    q/k norms, sandwich norms and GELU-tanh all lower."""
+    art = trt_build(tiny_checkpoints["gemma3"], tmp_path, "g-trt", max_seq=16)
+    engine = json.loads((art / "engine.json").read_text())
+    assert engine["max_seq"] == 16 and read_plan_header(art / "rank0.engine").targets == TARGETS
 
 
 @pytest.mark.parametrize("quantization,match", [
