@@ -43,3 +43,29 @@ def test_logits_and_greedy_tokens_match_transformers(arch, graph, tiny_checkpoin
                                    eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     gen = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop_token_ids=())
     assert gen.token_ids == hf_tokens
+
+
+# rope scaling variants, each against transformers on a tiny model (llama3 and partial rotary
+# are covered by the `llama` and `phi3` checkpoints above)
+ROPE_VARIANTS = {
+    "linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
+    "dynamic": ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}),
+    "longrope": ("phi3", {"max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+                          "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                              "short_factor": [1.0, 1.3, 1.9, 2.4], "long_factor": [2.0, 3.0, 4.0, 5.0],
+                                              "original_max_position_embeddings": 256}}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_rope_scaling_variant_matches_transformers(variant, tmp_path):
+    from tests.conftest import build_artifact, make_tiny
+
+    arch, overrides = ROPE_VARIANTS[variant]
+    src = make_tiny(arch, tmp_path / variant, seed=1, **overrides)
+    engine = load(build_artifact(src, tmp_path / "artifacts", variant, max_seq=256))
+    model = hf_model(src)
+    ids = np.array([engine.text.encode(PROMPT)])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(engine_logits(engine, ids) - ref).max() <= 1e-3
