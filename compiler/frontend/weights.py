@@ -31,6 +31,36 @@ class Weights:
     def get(self, name: str, shape: tuple[int, ...], transpose: bool = False, offset: float = 0.0) -> ir.Value:
         """Initializer for checkpoint tensor `name`, checked against `shape` (checkpoint layout).
         offset is added on read (Gemma stores RMSNorm weights as w - 1)."""
+        self._check(name, shape)
+        ckpt, dtype = self.ckpt, self.dtype
+
+        def read() -> np.ndarray:
+            arr = ckpt.read(name)
+            arr = arr.T if transpose else arr
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            return arr + dtype.type(offset) if offset else arr
+
+        out_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+        return self.b.weight(name, out_shape, self._ir_dtype, read)
+
+    def stack(self, names: list[str], shape: tuple[int, int], label: str, transpose: bool = False) -> ir.Value:
+        """[len(names), *shape] from tensors of one shape (MoE experts), read lazily; each is
+        checked like get(); transpose applies to each."""
+        for n in names:
+            self._check(n, shape)
+        ckpt, dtype = self.ckpt, self.dtype
+
+        def read() -> np.ndarray:
+            return np.stack([np.asarray(ckpt.read(n).T if transpose else ckpt.read(n), dtype=dtype) for n in names])
+
+        out_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+        return self.b.weight(label, (len(names), *out_shape), self._ir_dtype, read)
+
+    @property
+    def _ir_dtype(self) -> ir.DataType:
+        return ir.DataType.FLOAT if self.dtype == np.float32 else ir.DataType.FLOAT16
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self.ckpt.index:
             raise KilnError(f"checkpoint {self.ckpt.root} lacks weight {name}", "use the complete checkpoint for this architecture")
         info = self.ckpt.info(name)
@@ -42,16 +72,6 @@ class Weights:
         if info.dtype not in _FLOAT_TAGS:
             raise KilnError(f"weight {name} has dtype {info.dtype}, expected a float type", "use an unquantized checkpoint")
         self.used.add(name)
-        ckpt, dtype = self.ckpt, self.dtype
-
-        def read() -> np.ndarray:
-            arr = ckpt.read(name)
-            arr = arr.T if transpose else arr
-            arr = np.ascontiguousarray(arr, dtype=dtype)
-            return arr + dtype.type(offset) if offset else arr
-
-        out_shape = tuple(reversed(shape)) if transpose else tuple(shape)
-        return self.b.weight(name, out_shape, ir.DataType.FLOAT if dtype == np.float32 else ir.DataType.FLOAT16, read)
 
     def unused(self) -> list[str]:
         return sorted(set(self.ckpt.names()) - self.used)

@@ -29,6 +29,8 @@ CASES = [
     ("gemma3", {"layer_types": ["sliding_attention"]}, ["layer_types"]),
     ("gemma3", {"use_bidirectional_attention": True}, ["use_bidirectional_attention"]),
     ("gemma3", {"query_pre_attn_scalar": None}, ["query_pre_attn_scalar"]),
+    ("mixtral", {"num_experts_per_tok": None}, ["num_experts_per_tok"]),
+    ("qwen3_moe", {"norm_topk_prob": None}, ["norm_topk_prob"]),
 ]
 
 

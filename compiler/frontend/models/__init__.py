@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from compiler.errors import KilnError
-from compiler.frontend.models import gemma3, llama, mistral, phi3, qwen2, qwen3
+from compiler.frontend.models import gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe
 
 REGISTRY: dict[str, ModuleType] = {
     llama.ARCH: llama,
@@ -19,6 +19,8 @@ REGISTRY: dict[str, ModuleType] = {
     qwen3.ARCH: qwen3,
     phi3.ARCH: phi3,
     gemma3.ARCH: gemma3,
+    mixtral.ARCH: mixtral,
+    qwen3_moe.ARCH: qwen3_moe,
 }
 
 

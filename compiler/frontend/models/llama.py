@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.frontend import layers as L
+from compiler.frontend.moe import MoeConfig, moe_mlp
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.rope import RopeConfig
 from compiler.frontend.weights import Weights
@@ -73,6 +74,7 @@ class LlamaConfig:
     query_scale: float | None = None  # attention scale; None = 1/sqrt(head_dim)
     fused_qkv: bool = False  # the checkpoint holds one qkv_proj (Phi-3)
     fused_gate_up: bool = False  # the checkpoint holds one gate_up_proj, gate first (Phi-3)
+    moe: MoeConfig | None = None  # routed experts instead of the MLP (Mixtral, Qwen3-MoE)
 
     @classmethod
     def from_hf(cls, cfg: dict, arch: str = "LlamaForCausalLM", **overrides) -> "LlamaConfig":
@@ -151,6 +153,8 @@ def _attention(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, i: int,
 
 def _mlp(b: GraphBuilder, w: Weights, c: LlamaConfig, names: dict, i: int, h: ir.Value) -> ir.Value:
     H, I = c.hidden_size, c.intermediate_size
+    if c.moe is not None and i not in c.moe.dense_layers:
+        return moe_mlp(b, w, c.moe, i, h, H, c.hidden_act)
     if c.fused_gate_up:
         gate, up = _split(b, _proj(b, w, names, h, "mlp/gate_up_proj", i, (2 * I, H), c.mlp_bias), [I, I], "gate_up_split")
     else:
