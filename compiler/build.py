@@ -47,6 +47,10 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     if recipe.max_seq > cfg.max_position_embeddings:
         raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
                         "lower max_seq in the recipe")
+    task = getattr(arch, "TASK", "generate")
+    if task == "embed" and (recipe.quantization is not None or recipe.backend != "onnxruntime"):
+        raise KilnError(f"{arch.ARCH} is an encoder: kiln builds it for onnxruntime without quantization so far",
+                        "remove quantization and set backend: onnxruntime")
     if recipe.backend == "tensorrt":
         from compiler.backends.tensorrt import backend as trt_backend
 
@@ -55,7 +59,8 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress), dump_dir=dump_ir)
     model = pm.run(model)
     return_freed_memory()  # calibration's buffers, before the backend's own peak
-    facts = ort_backend.ModelFacts(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, _generation(ckpt))
+    facts = ort_backend.ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size,
+                                   _generation(ckpt), task)
     if recipe.backend == "tensorrt":
         trt_backend.check(model, facts, cfg.num_heads)
     dest = out_root / recipe.name

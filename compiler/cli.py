@@ -36,21 +36,41 @@ def _run(args) -> int:
     from compiler.runtime import load
 
     engine = load(args.artifact, threads=args.threads)
+    is_encoder = getattr(engine.config, "task", "generate") == "embed"
+    if args.embed or is_encoder:
+        if not is_encoder:
+            raise ValueError(f"{args.artifact} is a text generator; --embed needs an encoder artifact (e.g. a BertModel)")
+        return _embed(engine, args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, stop=tuple(args.stop or ()), chat=args.chat)
     if args.json:
-        gen = engine.generate(args.prompt, **kw)
+        gen = engine.generate(args.prompt[-1], **kw)
         t = gen.timing
         print(json.dumps({"text": gen.text, "tokens": gen.token_ids, "finish_reason": gen.finish_reason,
                           "prefill_ms": round(t.prefill_ms, 2), "decode_tok_s": round(t.decode_tok_s, 2)}))
         return 0
-    for piece in engine.stream(args.prompt, **kw):
+    for piece in engine.stream(args.prompt[-1], **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not args.quiet:
         print(engine.last_generation.timing.summary(), file=sys.stderr)
+    return 0
+
+
+def _embed(engine, args) -> int:
+    """One embedding per --prompt: JSON lines with --json, else dimension, norm and a preview."""
+    import numpy as np
+
+    texts = args.prompt
+    vectors = engine.embed(texts)
+    for text, v in zip(texts, vectors):
+        if args.json:
+            print(json.dumps({"text": text, "embedding": [round(float(x), 6) for x in v]}))
+        else:
+            preview = ", ".join(f"{x:+.4f}" for x in v[:6])
+            print(f"{len(v)}-d, norm {np.linalg.norm(v):.4f}: [{preview}, ...]  <- {text[:60]!r}")
     return 0
 
 
@@ -102,7 +122,9 @@ def parser() -> argparse.ArgumentParser:
 
     r = cmd("run", _run, "generate text with a built artifact")
     r.add_argument("artifact")
-    r.add_argument("--prompt", required=True)
+    r.add_argument("--prompt", required=True, action="append",
+                   help="the prompt (with --embed, repeat it to embed several texts)")
+    r.add_argument("--embed", action="store_true", help="print sentence embeddings (encoder artifacts)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     r.add_argument("--max-new-tokens", type=int, default=128)
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -53,7 +53,8 @@ def _text(m: dict, engine: dict, g: dict | None) -> str:
         f"artifact   {m['name']}  (kiln {m['kiln_version']})",
         f"source     {src['path']}  [{src['architecture']}]  {src['digest'][:23]}...",
         f"backend    {m['backend']['name']} {m['backend']['version']}, graph {m['backend']['graph']}",
-        f"limits     max_batch {engine['max_batch']}, max_seq {engine['max_seq']}, KV cache {engine['kv_cache']['layout']}",
+        f"limits     max_batch {engine['max_batch']}, max_seq {engine['max_seq']}, "
+        + (f"KV cache {engine['kv_cache']['layout']}" if engine.get("kv_cache") else f"task {engine.get('task')}"),
         f"built      {b['finished']} on {b['host']} in {b['seconds']} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB",
         *([] if g is None else [
             f"graph      {g['nodes']} nodes, {g['initializers']} initializers, {g['weight_bytes'] / 1e6:.1f} MB weights ({', '.join(g['weight_dtypes'])})",

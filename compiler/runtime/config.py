@@ -71,7 +71,7 @@ class EngineConfig:
     model_file: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    kv_cache: KVCacheSpec
+    kv_cache: KVCacheSpec | None  # None for encoders
     max_batch: int
     max_seq: int
     vocab_size: int
@@ -79,6 +79,7 @@ class EngineConfig:
     generation: GenerationDefaults = GenerationDefaults()
     graph_flavour: str = "standard"  # "standard" ONNX ops, or "ort-contrib" after legalisation
     tensorrt: TensorRTSpec | None = None  # TensorRT engines only
+    task: str = "generate"  # "generate" (decoder with KV cache) | "embed" (encoder -> sentence embeddings)
     format: int = ENGINE_FORMAT
 
     def to_json(self) -> str:
@@ -94,7 +95,7 @@ class EngineConfig:
                 **d,
                 "inputs": [TensorSpec(**t) for t in d["inputs"]],
                 "outputs": [TensorSpec(**t) for t in d["outputs"]],
-                "kv_cache": KVCacheSpec(**d["kv_cache"]),
+                "kv_cache": KVCacheSpec(**d["kv_cache"]) if d.get("kv_cache") else None,
                 "session": SessionConfig(**d["session"]),
                 "generation": GenerationDefaults(**d["generation"]),
                 "tensorrt": TensorRTSpec(**d["tensorrt"]) if d.get("tensorrt") else None,

@@ -153,10 +153,16 @@ def _config(config: GenerationConfig | None, kw: dict) -> GenerationConfig:
     return cfg
 
 
-def load(path: str | Path, threads: int | None = None, config_entries: dict | None = None) -> Engine:
-    """Load an engine built by `kiln build` (a directory with engine.json and kiln.json).
+def load(path: str | Path, threads: int | None = None, config_entries: dict | None = None):
+    """Load an engine built by `kiln build` (a directory with engine.json and kiln.json): an
+    Engine (generate / stream) for decoders, an Encoder (embed) for encoder models.
     config_entries: extra ONNX Runtime session config entries (e.g. for debugging)."""
     path = Path(path)
     if not (path / "engine.json").is_file():
         raise FileNotFoundError(f"{path} is not a kiln artifact (no engine.json); build one with `kiln build RECIPE`")
+    config = EngineConfig.load(path / "engine.json")
+    if config.task == "embed":
+        from compiler.runtime.encoder import Encoder
+
+        return Encoder(path, config, threads)
     return Engine(path, threads, config_entries)

@@ -30,6 +30,7 @@ class ModelFacts:
     head_dim: int
     vocab_size: int
     generation: GenerationDefaults
+    task: str = "generate"  # "embed": an encoder, no KV cache
 
 
 def _spec(v: ir.Value) -> TensorSpec:
@@ -46,13 +47,14 @@ def emit(model: ir.Model, facts: ModelFacts, out_dir: Path, *, max_batch: int, m
         model_file=MODEL_FILE,
         inputs=[_spec(v) for v in model.graph.inputs],
         outputs=[_spec(v) for v in model.graph.outputs],
-        kv_cache=KVCacheSpec(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_seq),
+        kv_cache=KVCacheSpec(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_seq) if facts.task == "generate" else None,
         max_batch=max_batch,
         max_seq=max_seq,
         vocab_size=facts.vocab_size,
         session=session,
         generation=facts.generation,
         graph_flavour=graph_flavour,
+        task=facts.task,
     )
     (out_dir / "engine.json").write_text(cfg.to_json())
     return cfg

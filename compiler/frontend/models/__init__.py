@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from compiler.errors import KilnError
-from compiler.frontend.models import gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe
+from compiler.frontend.models import bert, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe
 
 REGISTRY: dict[str, ModuleType] = {
     llama.ARCH: llama,
@@ -21,6 +21,8 @@ REGISTRY: dict[str, ModuleType] = {
     gemma3.ARCH: gemma3,
     mixtral.ARCH: mixtral,
     qwen3_moe.ARCH: qwen3_moe,
+    bert.ARCH: bert,
+    **{alias: bert for alias in bert.ALIASES},
 }
 
 

@@ -1,0 +1,45 @@
+"""Encoder engines (`task: embed`): texts -> sentence embeddings [N, H].
+
+A batch is tokenised with the model's own tokenizer (special tokens included, as
+sentence-transformers does), right-padded, and run once; the engine's graph does the mean
+pooling over each row's attention mask.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from compiler.runtime.config import EngineConfig
+from compiler.runtime.session import physical_cores
+from compiler.runtime.text import Text
+
+
+class Encoder:
+    def __init__(self, path: Path, config: EngineConfig, threads: int | None = None):
+        self.path, self.config = Path(path), config
+        self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
+        self.text = Text(self.path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or config.session.intra_op_threads or physical_cores()
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path / config.model_file), so, providers=[config.session.execution_provider])
+
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Mean-pooled embeddings [N, H] float32 (not normalised)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = [self._batch(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def _batch(self, texts: list[str]) -> np.ndarray:
+        ids = [self.text.encode(t)[: self.config.max_seq] for t in texts]
+        S = max(len(x) for x in ids)
+        pad = self.config.generation.pad_token_id
+        input_ids = np.array([x + [pad] * (S - len(x)) for x in ids], dtype=np.int64)
+        mask = np.array([[1] * len(x) + [0] * (S - len(x)) for x in ids], dtype=np.int64)
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+        return self.session.run(["sentence_embedding"], feeds)[0]
