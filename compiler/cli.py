@@ -74,6 +74,14 @@ def _embed(engine, args) -> int:
     return 0
 
 
+def _support(args) -> int:
+    from compiler import support
+
+    t = support.table()
+    print(json.dumps(t, indent=2) if args.json else support.text(t))
+    return 0
+
+
 def _inspect(args) -> int:
     from compiler.inspect_artifact import inspect_artifact
 
@@ -134,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
 
+    cmd("support", _support, "architectures x backends x precisions covered by the test suite")
     i = cmd("inspect", _inspect, "print an artifact's manifest and graph summary")
     i.add_argument("artifact")
 

@@ -118,3 +118,55 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- the support matrix (`kiln support`): what passing tests built ------------------------------
+_built: list[tuple[str, str, str]] = []  # builds of the running test item (setup and call)
+_covered: set[tuple[str, str, str]] = set()
+
+
+def _record_builds() -> None:
+    """Wrap compiler.build.build so every engine a test builds is noted as (arch, backend, precision)."""
+    import compiler.build as cb
+
+    inner = cb.build
+    if getattr(inner, "_records", False):
+        return
+
+    def build(recipe, out_root, **kw):
+        manifest = inner(recipe, out_root, **kw)
+        q = recipe.quantization.scheme if recipe.quantization is not None else None
+        precision = recipe.tensorrt.precision if recipe.backend == "tensorrt" else recipe.dtype
+        _built.append((manifest["source"]["architecture"], recipe.backend, f"{precision}+{q}" if q else precision))
+        return manifest
+
+    build._records = True
+    cb.build = build
+
+
+_record_builds()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.passed:
+        _covered.update(_built)
+    if report.when == "teardown":
+        _built.clear()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A full, passing run (no -k / -m / path selection) rewrites compiler/support_matrix.json."""
+    opt = session.config.option
+    paths = {Path(a).resolve() for a in session.config.args} or {ROOT / "tests"}
+    full = not opt.keyword and not opt.markexpr and paths <= {ROOT / "tests", ROOT}
+    if exitstatus != 0 or not full or not _covered:
+        return
+    from datetime import date
+
+    from compiler.support import MATRIX_FILE
+
+    cells = sorted(list(c) for c in _covered)
+    MATRIX_FILE.write_text(json.dumps({"generated": date.today().isoformat(), "cells": cells}, indent=1) + "\n")

@@ -26,6 +26,11 @@ REGISTRY: dict[str, ModuleType] = {
 }
 
 
+def arch_name(hf_config: dict) -> str:
+    """The checkpoint's architecture as the registry knows it (an alias keeps its own name)."""
+    return next(a for a in hf_config.get("architectures") or [] if a in REGISTRY)
+
+
 def lookup(hf_config: dict) -> ModuleType:
     archs = hf_config.get("architectures") or []
     for arch in archs:
