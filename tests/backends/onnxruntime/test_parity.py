@@ -69,3 +69,25 @@ def test_rope_scaling_variant_matches_transformers(variant, tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(engine_logits(engine, ids) - ref).max() <= 1e-3
+
+
+@pytest.mark.parametrize("length", [8, 16, 17, 40])  # below, at, just above and well above the window
+@pytest.mark.parametrize("arch", ["mistral_window16", "gemma3"])
+def test_sliding_window_around_its_length(arch, length, tiny_checkpoints, tiny_artifacts):
+    model = hf_model(tiny_checkpoints[arch])
+    engine = load(tiny_artifacts[(arch, "contrib")])
+    ids = np.array([engine.text.encode(PROMPT)[:length]])
+    assert ids.shape[1] == length
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+        hf_tokens = model.generate(torch.from_numpy(ids), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, length:].tolist()
+    assert np.abs(engine_logits(engine, ids) - ref).max() <= 1e-3
+    s = engine.session
+    io = s.binding(s.new_cache(1))
+    last = s.step(io, ids, np.arange(length)[None])[0, -1]
+    tokens = []
+    for pos in range(length, length + 24):  # decode runs past the window
+        tokens.append(int(last.argmax()))
+        last = s.step(io, np.array([[tokens[-1]]]), np.array([[pos]]))[0, -1]
+    assert tokens == hf_tokens
