@@ -41,7 +41,11 @@ def reshape(lw: Lowering, node: ir.Node):
     if _attr(node, "allowzero", 0):
         raise LoweringError(node, "allowzero=1 is not supported", "rebuild without allowzero")
     layer = lw.net.add_shuffle(lw.get(node.inputs[0]))
-    layer.reshape_dims = tuple(int(d) for d in _static(lw, node, 1))  # 0 copies a dim, as in ONNX
+    dims = lw.const_value(node.inputs[1])
+    if dims is None:  # a computed shape (e.g. Shape of another tensor)
+        layer.set_input(1, lw.get(node.inputs[1]))
+    else:
+        layer.reshape_dims = tuple(int(d) for d in dims)  # 0 copies a dim, as in ONNX
     return [lw.name(layer, node).get_output(0)]
 
 
@@ -135,6 +139,47 @@ def rotary(lw: Lowering, node: ir.Node):
     return [lw.reshape(layer.get_output(0), (0, 0, n * d), first=(0, 2, 1, 3))]
 
 
+def _axes_mask(axes, rank: int) -> int:
+    return sum(1 << (int(a) % rank) for a in axes)
+
+
+def softmax(lw: Lowering, node: ir.Node):
+    x = lw.get(node.inputs[0])
+    layer = lw.net.add_softmax(x)
+    layer.axes = _axes_mask([_attr(node, "axis", -1)], len(x.shape))
+    return [lw.name(layer, node).get_output(0)]
+
+
+def reduce_sum(lw: Lowering, node: ir.Node):
+    x = lw.get(node.inputs[0])
+    axes = _static(lw, node, 1)
+    layer = lw.net.add_reduce(x, lw.trt.ReduceOperation.SUM, _axes_mask(axes, len(x.shape)), bool(_attr(node, "keepdims", 1)))
+    return [lw.name(layer, node).get_output(0)]
+
+
+def topk(lw: Lowering, node: ir.Node):
+    """Largest k along the last axis (MoE routing); indices come out int32 in TensorRT."""
+    x = lw.get(node.inputs[0])
+    if not _attr(node, "largest", 1) or _attr(node, "axis", -1) not in (-1, len(x.shape) - 1):
+        raise LoweringError(node, "only the largest k along the last axis is lowered", "use backend: onnxruntime")
+    k = int(_static(lw, node, 1).reshape(-1)[0])
+    layer = lw.net.add_topk(x, lw.trt.TopKOperation.MAX, k, 1 << (len(x.shape) - 1))
+    lw.name(layer, node)
+    return [layer.get_output(0), layer.get_output(1)]
+
+
+def one_hot(lw: Lowering, node: ir.Node):
+    values = lw.get(node.inputs[2])  # [off, on]
+    depth = lw.int_const(_static(lw, node, 1).reshape(()), np.int32)
+    idx = lw.get(node.inputs[0])
+    layer = lw.net.add_one_hot(idx, values, depth, _attr(node, "axis", -1))
+    return [lw.name(layer, node).get_output(0)]
+
+
+def shape(lw: Lowering, node: ir.Node):
+    return [lw.name(lw.net.add_shape(lw.get(node.inputs[0])), node).get_output(0)]
+
+
 OPS = {
     "Gather": gather,
     "Transpose": transpose,
@@ -147,6 +192,11 @@ OPS = {
     "Div": _elementwise("DIV"),
     "Sigmoid": sigmoid,
     "Gelu": gelu,
+    "Softmax": softmax,
+    "ReduceSum": reduce_sum,
+    "TopK": topk,
+    "OneHot": one_hot,
+    "Shape": shape,
     "Split": split,
     "GatherND": gather_nd,
     "RMSNormalization": rms_norm,

@@ -26,7 +26,8 @@ def trt_build(src, tmp_path, name, **fields):
 
 
 @pytest.mark.parametrize("arch,precision", [("llama", "float16"), ("qwen2", "float16"), ("mistral", "bfloat16"),
-                                            ("qwen3", "float16"), ("phi3", "bfloat16")])
+                                            ("qwen3", "float16"), ("phi3", "bfloat16"), ("mixtral", "float16"),
+                                            ("qwen3_moe", "float16")])
 def test_engine_build_records_bindings_profiles_and_targets(tiny_checkpoints, tmp_path, arch, precision):
     art = trt_build(tiny_checkpoints[arch], tmp_path, f"{arch}-trt", tensorrt={"precision": precision})
     engine = json.loads((art / "engine.json").read_text())

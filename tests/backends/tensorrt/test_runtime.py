@@ -27,10 +27,13 @@ def test_load_without_gpu_says_what_the_engine_needs(trt_artifact):
 
 
 @pytest.mark.gpu
-def test_engine_matches_onnxruntime(trt_artifact, tiny_checkpoints, tmp_path):
-    ort_art = build_artifact(tiny_checkpoints["llama"], tmp_path, "llama-ort", max_seq=128, max_batch=2,
-                             onnxruntime={"graph": "standard"})
-    trt_engine, ort_engine = load(trt_artifact), load(ort_art)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe"])
+def test_engine_matches_onnxruntime(arch, tiny_checkpoints, tmp_path):
+    """Each lowered op's numerics on a real GPU: the fp16 engine against the fp32 ORT engine."""
+    src = tiny_checkpoints[arch]
+    trt_art = build_artifact(src, tmp_path, f"{arch}-trt", backend="tensorrt", max_seq=128, max_batch=2)
+    ort_art = build_artifact(src, tmp_path, f"{arch}-ort", max_seq=128, max_batch=2, onnxruntime={"graph": "standard"})
+    trt_engine, ort_engine = load(trt_art), load(ort_art)
     ids = np.arange(3, 40, dtype=np.int64)[None]
     logits = []
     for eng in (trt_engine, ort_engine):
