@@ -9,12 +9,12 @@ Replacement: GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len) 
 buffers shared (the runtime binds past and present to one buffer), which attends only over
 each row's real length instead of the whole static cache.
 Check: refuses when the mask is not the graph's causal (or sliding-window) mask, when the
-cache update is not a TensorScatter on axis 2, or when the scale is not 1/sqrt(D).
+cache update is not a TensorScatter on axis 2. A scale other than 1/sqrt(D) (Gemma 3's
+query_pre_attn_scalar) is passed through GQA's `scale` attribute.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,9 +93,6 @@ def check(m: Match, head_dim: int) -> str | None:
         return "attention mask is not the causal or sliding-window mask"
     if any(s.attributes.get_int("axis", -2) not in (2, -2) for s in m.scatters):
         return "cache update is not on the sequence axis"
-    scale = m.attention.attributes.get_float("scale", 1 / math.sqrt(head_dim))
-    if not math.isclose(scale, 1 / math.sqrt(head_dim), rel_tol=1e-6):
-        return f"scale {scale} is not 1/sqrt({head_dim})"
     return None
 
 
@@ -127,10 +124,12 @@ def replace(graph: ir.Graph, m: Match, heads: tuple[int, int], lens: tuple[ir.Va
         inputs = [qkv, None, None, past_k, past_v, *lens, cos, sin]
     else:
         inputs = [m.q, m.k, m.v, past_k, past_v, *lens]
-    gqa = ir.Node(_DOMAIN, "GroupQueryAttention", inputs,
-                  attributes=[ir.AttrInt64("num_heads", nq), ir.AttrInt64("kv_num_heads", nkv),
-                              ir.AttrInt64("local_window_size", m.window), ir.AttrInt64("do_rotary", int(bool(m.packed)))],
-                  num_outputs=3, name=name)
+    attrs = [ir.AttrInt64("num_heads", nq), ir.AttrInt64("kv_num_heads", nkv),
+             ir.AttrInt64("local_window_size", m.window), ir.AttrInt64("do_rotary", int(bool(m.packed)))]
+    scale = m.attention.attributes.get_float("scale", 0.0)
+    if scale:
+        attrs.append(ir.AttrFloat32("scale", scale))
+    gqa = ir.Node(_DOMAIN, "GroupQueryAttention", inputs, attributes=attrs, num_outputs=3, name=name)
     graph.insert_before(m.attention, gqa)
     y, present_k, present_v = gqa.outputs
     y.name = f"{name}_output_0"
