@@ -27,6 +27,7 @@ import onnxruntime
 from compiler import __version__
 from compiler.backends.onnxruntime import backend as ort_backend
 from compiler.backends.onnxruntime.legalise import legalise
+from compiler.card import render as render_card
 from compiler.errors import KilnError
 from compiler.frontend import models
 from compiler.memory import return_freed_memory
@@ -83,6 +84,10 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
         quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization and recipe.backend == "onnxruntime" else None
         manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
+        manifest["task"] = engine.task
+        card = tmp / "README.md"
+        card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))
+        manifest["files"][card.name] = _sha256(card)
         (tmp / "kiln.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _replace_dir(tmp, dest)
     except BaseException:

@@ -74,6 +74,17 @@ def _embed(engine, args) -> int:
     return 0
 
 
+def _package(args) -> int:
+    from compiler.package import package
+
+    archive, sums = package(Path(args.artifact), Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps({"archive": str(archive), "sha256sums": str(sums), "sha256": sums.read_text().split()[0]}))
+    else:
+        print(f"{archive}  sha256 {sums.read_text().split()[0]}\n{sums}")
+    return 0
+
+
 def _support(args) -> int:
     from compiler import support
 
@@ -142,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
 
+    pk = cmd("package", _package, "a deterministic archive of an artifact plus SHA256SUMS")
+    pk.add_argument("artifact")
+    pk.add_argument("--out", help="directory for the archive (default: beside the artifact)")
     cmd("support", _support, "architectures x backends x precisions covered by the test suite")
     i = cmd("inspect", _inspect, "print an artifact's manifest and graph summary")
     i.add_argument("artifact")

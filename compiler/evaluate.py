@@ -200,7 +200,8 @@ def _check_window(path: Path, window: int) -> None:
 def _load_artifact(path: Path, threads: int | None, window: int) -> Engine:
     _check_window(path, window)
     # no prepacked copies of the weights: evaluation is prefill-only, and memory is the limit
-    return load(path, threads=threads, config_entries={"session.disable_prepacking": "1"})
+    # an artifact still being built (the quality gate) has no manifest to verify against yet
+    return load(path, threads=threads, config_entries={"session.disable_prepacking": "1"}, verify=(path / "kiln.json").is_file())
 
 
 def _read_text(text_path: Path | None) -> tuple[str, str]:

@@ -153,13 +153,18 @@ def _config(config: GenerationConfig | None, kw: dict) -> GenerationConfig:
     return cfg
 
 
-def load(path: str | Path, threads: int | None = None, config_entries: dict | None = None):
+def load(path: str | Path, threads: int | None = None, config_entries: dict | None = None, verify: bool = True):
     """Load an engine built by `kiln build` (a directory with engine.json and kiln.json): an
     Engine (generate / stream) for decoders, an Encoder (embed) for encoder models.
+    verify: check every file against the sha256 recorded in kiln.json first (refuses tampering).
     config_entries: extra ONNX Runtime session config entries (e.g. for debugging)."""
     path = Path(path)
     if not (path / "engine.json").is_file():
         raise FileNotFoundError(f"{path} is not a kiln artifact (no engine.json); build one with `kiln build RECIPE`")
+    if verify:
+        from compiler.runtime.verify import verify_artifact
+
+        verify_artifact(path)
     config = EngineConfig.load(path / "engine.json")
     if config.task == "embed":
         from compiler.runtime.encoder import Encoder
