@@ -31,13 +31,16 @@ def table() -> dict:
 
 
 def text(t: dict) -> str:
-    cols = t["columns"]
-    width = max(len(a) for a in t["rows"]) if t["rows"] else 10
-    head = " " * width + "  " + "  ".join(cols)
-    lines = [head, "-" * len(head)]
-    for arch, have in t["rows"].items():
-        marks = "  ".join(("x" if c in have else "-").center(len(c)) for c in cols)
-        lines.append(f"{arch.ljust(width)}  {marks}")
+    """One row per architecture, one column per backend listing the covered precisions."""
+    backends = sorted({c.split("/", 1)[0] for c in t["columns"]})
+    cells = {arch: {be: [c.split("/", 1)[1] for c in have if c.startswith(be + "/")] for be in backends}
+             for arch, have in t["rows"].items()}
+    widths = {be: max([len(be)] + [len(", ".join(v[be])) for v in cells.values()]) for be in backends}
+    aw = max([len("architecture")] + [len(a) for a in cells])
+    lines = ["  ".join(["architecture".ljust(aw)] + [be.ljust(widths[be]) for be in backends])]
+    lines.append("  ".join(["-" * aw] + ["-" * widths[be] for be in backends]))
+    for arch, row in cells.items():
+        lines.append("  ".join([arch.ljust(aw)] + [(", ".join(row[be]) or "-").ljust(widths[be]) for be in backends]))
     when = t["generated"] or "never (run `make test`)"
-    lines.append(f"x = covered by a passing test; recorded by the test run of {when}")
-    return "\n".join(lines)
+    lines.append(f"precisions with a passing test in the last full test run ({when}); float32+X = quantised with X")
+    return "\n".join(line.rstrip() for line in lines)
