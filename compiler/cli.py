@@ -74,6 +74,27 @@ def _embed(engine, args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from compiler.serve.app import create_app
+    except ImportError as e:
+        raise ValueError(f"kiln serve needs {e.name}: pip install 'kiln[serve]'") from None
+    from compiler.runtime import load
+
+    engine = load(args.artifact, threads=args.threads)
+    if getattr(engine.config, "task", "generate") != "generate":
+        raise ValueError(f"{args.artifact} is not a text generator; kiln serve serves decoder artifacts")
+    name = args.name or Path(args.artifact).resolve().name
+    if not args.quiet:
+        print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_batch {engine.config.max_batch}, "
+              f"queue {args.max_queue})", file=sys.stderr)
+    uvicorn.run(create_app(engine, name, args.max_queue), host=args.host, port=args.port,
+                log_level="warning" if args.quiet else "info")
+    return 0
+
+
 def _package(args) -> int:
     from compiler.package import package
 
@@ -153,6 +174,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
 
+    sv = cmd("serve", _serve, "an OpenAI-compatible HTTP server for an artifact")
+    sv.add_argument("artifact")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--name", help="model id in the API (default: the artifact's directory name)")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get HTTP 429")
+    sv.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
     pk = cmd("package", _package, "a deterministic archive of an artifact plus SHA256SUMS")
     pk.add_argument("artifact")
     pk.add_argument("--out", help="directory for the archive (default: beside the artifact)")
