@@ -10,7 +10,7 @@ SMOLLM2_DIR := .cache/models/smollm2-135m
 RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model demo test bench all clean $(RECIPES)
+.PHONY: setup model demo test bench bench-serve all clean $(RECIPES)
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,9 @@ test: setup model
 bench: setup model
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
+
+bench-serve: setup model smollm2-135m   ## kiln serve: 32 streaming clients for 60 s on loopback
+	$(BIN)/python benchmarks/bench_serve.py --artifact artifacts/smollm2-135m --out bench-results/bench-serve.json
 
 clean:
 	rm -rf artifacts/*/ bench-results

@@ -139,19 +139,25 @@ def create_app(engine: Engine, name: str, max_queue: int = 64) -> FastAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
 
-        def chunk(piece: str | None, finish: str | None) -> str:
+        def chunk(piece: str | None, finish: str | None, usage: dict | None = None) -> str:
             if chat:
                 choice = {"index": 0, "delta": {} if piece is None else {"content": piece}, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": piece or "", "finish_reason": finish}
-            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}) + "\n\n"
+            body = {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
+            if usage:  # the last chunk carries the token count (OpenAI's include_usage, always on)
+                body["usage"] = usage
+            return "data: " + json.dumps(body) + "\n\n"
 
         if chat:
             yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name, "choices": [
                 {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
         try:
             async for item in _pieces(job, endpoint, t0):
-                yield chunk(None, item.finish_reason) if isinstance(item, Generation) else chunk(item, None)
+                if isinstance(item, Generation):
+                    yield chunk(None, item.finish_reason, {"completion_tokens": len(item.token_ids)})
+                else:
+                    yield chunk(item, None)
         except Exception as e:  # noqa: BLE001  (the stream has started: report in-band)
             yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
         yield "data: [DONE]\n\n"
