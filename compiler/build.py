@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnxruntime
 
-from compiler import __version__
+from compiler import __version__, build_cache
 from compiler.backends.onnxruntime import backend as ort_backend
 from compiler.backends.onnxruntime.legalise import legalise
 from compiler.card import render as render_card
@@ -38,11 +38,17 @@ from compiler.recipe import Recipe
 from compiler.runtime.config import GenerationDefaults, SessionConfig
 
 
-def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progress: bool = True) -> dict:
-    """Build `recipe` into out_root/<name>; returns the manifest."""
+def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progress: bool = True, force: bool = False) -> dict:
+    """Build `recipe` into out_root/<name>; returns the manifest. An artifact built from the same
+    recipe, source, kiln and backend versions and still intact is kept (its manifest gets
+    "up_to_date": true) unless force."""
     t0 = time.perf_counter()
     source = resolve_source(recipe.source)
     ckpt = Checkpoint.open(source)
+    digest = build_cache.source_digest(ckpt)
+    build_key = build_cache.key(recipe.resolved(), digest, _backend_version(recipe))
+    if not force and dump_ir is None and (done := build_cache.up_to_date(out_root / recipe.name, build_key)) is not None:
+        return {**done, "up_to_date": True}
     arch = models.lookup(ckpt.config)
     cfg = arch.config(ckpt.config)
     if recipe.max_seq > cfg.max_position_embeddings:
@@ -57,7 +63,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
 
         trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration and any build work
     model = arch.build(cfg, ckpt, recipe.max_seq)
-    pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress), dump_dir=dump_ir)
+    pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
     model = pm.run(model)
     return_freed_memory()  # calibration's buffers, before the backend's own peak
     facts = ort_backend.ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size,
@@ -84,7 +90,8 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
         quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization and recipe.backend == "onnxruntime" else None
         manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
-        manifest["task"] = engine.task
+        manifest["task"], manifest["build_key"] = engine.task, build_key
+        manifest["source"] = {"path": manifest["source"]["path"], "digest": digest, **manifest["source"]}
         card = tmp / "README.md"
         card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))
         manifest["files"][card.name] = _sha256(card)
@@ -118,7 +125,7 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
         "kiln_version": __version__,
         "name": recipe.name,
         "recipe": recipe.resolved(),
-        "source": {"path": str(source), "digest": ckpt.digest(), "architecture": models.arch_name(ckpt.config), "config": asdict(cfg)},
+        "source": {"path": str(source), "architecture": models.arch_name(ckpt.config), "config": asdict(cfg)},
         "backend": _backend_record(engine, flavour),
         "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
         "graph": {"nodes": nodes, "passes": [asdict(r) for r in pm.records]},
@@ -144,7 +151,16 @@ def _backend_record(engine, flavour: str) -> dict:
     return {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour}
 
 
-def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -> list:
+def _backend_version(recipe: Recipe) -> str:
+    if recipe.backend == "tensorrt":
+        from compiler.backends.tensorrt import trt_module
+
+        f = trt_module.load(recipe.tensorrt.module)
+        return f"{f.name} {f.version}"
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool, digest: str | None = None) -> list:
     """The recipe's quantisation pass (after calibration, if its scheme needs it) and a cleanup."""
     if recipe.quantization is None:
         return []
@@ -155,7 +171,7 @@ def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -
     if needs_calibration(recipe.quantization):
         from compiler.passes.quant.calibrate_model import calibrate
 
-        stats = calibrate(recipe, arch, cfg, ckpt, progress)
+        stats = calibrate(recipe, arch, cfg, ckpt, progress, source_digest=digest)
     return [quantizer(recipe.quantization, stats), DeadCodeElimination()]
 
 

@@ -22,10 +22,14 @@ def _build(args) -> int:
         recipe = recipe.model_copy(update={k: v for k, v in (("max_seq", args.max_seq), ("max_batch", args.max_batch)) if v})
     if args.verbose:
         recipe = recipe.model_copy(update={"tensorrt": recipe.tensorrt.model_copy(update={"verbose_log": True})})
-    manifest = build(recipe, Path(args.out), dump_ir=Path(args.dump_ir) if args.dump_ir else None, progress=not args.quiet)
+    manifest = build(recipe, Path(args.out), dump_ir=Path(args.dump_ir) if args.dump_ir else None, progress=not args.quiet,
+                     force=args.force)
     dest = Path(args.out) / recipe.name
     if args.json:
-        print(json.dumps({"artifact": str(dest), "build": manifest["build"]}))
+        print(json.dumps({"artifact": str(dest), "build": manifest["build"], "up_to_date": manifest.get("up_to_date", False)}))
+    elif manifest.get("up_to_date"):
+        if not args.quiet:
+            print(f"{dest} is up to date (same recipe, source, kiln and backend; --force rebuilds)")
     elif not args.quiet:
         b = manifest["build"]
         print(f"built {dest} in {b['seconds']:.1f} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB")
@@ -158,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dump-ir", metavar="DIR", help="write the graph after each pass into DIR")
     b.add_argument("--max-seq", type=int, help="override the recipe's max_seq")
     b.add_argument("--max-batch", type=int, help="override the recipe's max_batch")
+    b.add_argument("--force", action="store_true", help="rebuild even when the artifact is up to date")
     b.add_argument("--verbose", action="store_true", help="tensorrt: keep the builder's VERBOSE log (DETAILED layers) in build.log")
 
     r = cmd("run", _run, "generate text with a built artifact")

@@ -12,7 +12,22 @@ from compiler.passes import PassManager, make
 from compiler.passes.quant.calibration import CalibrationConfig, calibration_tokens, collect
 
 
-def calibrate(recipe, arch, cfg, ckpt: Checkpoint, progress: bool = True) -> dict:
+def calibrate(recipe, arch, cfg, ckpt: Checkpoint, progress: bool = True, source_digest: str | None = None) -> dict:
+    """Statistics for the recipe's calibration settings; shared through the build cache by every
+    recipe with the same source, settings and passes (when source_digest is given)."""
+    from compiler import build_cache
+
+    cal = recipe.quantization.calibration
+    stats_key = build_cache.key("calibration", source_digest, cal.model_dump(mode="json"), list(recipe.passes)) if source_digest else None
+    if stats_key and (cached := build_cache.load_stats(stats_key)) is not None:
+        return cached
+    stats = _collect(recipe, arch, cfg, ckpt, progress)
+    if stats_key:
+        build_cache.save_stats(stats_key, stats)
+    return stats
+
+
+def _collect(recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -> dict:
     cal = recipe.quantization.calibration
     cc = CalibrationConfig(source=cal.source, samples=cal.samples, seq_len=cal.seq_len)
     tokens = calibration_tokens(ckpt.root / "tokenizer.json", cc)  # [samples, seq_len]
