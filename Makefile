@@ -10,7 +10,7 @@ SMOLLM2_DIR := .cache/models/smollm2-135m
 RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model demo test bench bench-serve all clean $(RECIPES)
+.PHONY: setup model demo test bench bench-serve all publish clean $(RECIPES)
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,18 @@ artifacts/%/kiln.json: recipes/%.yaml $(SMOLLM2_DIR)/config.json | setup
 	$(KILN) build $<
 
 all: $(RECIPES)
+
+# make publish PUBLISH=127.0.0.1:5000/kiln TAG=v1  (or PUBLISH=dir://dist): every built artifact,
+# then each is pulled back into a temp dir, verified, loaded and asked for a few tokens
+PUBLISH ?= dir://dist
+TAG ?= latest
+publish: | setup
+	@set -e; for a in artifacts/*/kiln.json; do n=$$(basename $$(dirname $$a)); \
+	  ref=$$(case "$(PUBLISH)" in dir://*) echo "$(PUBLISH)/$$n";; *) echo "$(PUBLISH)/$$n:$(TAG)";; esac); \
+	  $(KILN) publish artifacts/$$n $$ref; \
+	  tmp=$$(mktemp -d); $(KILN) pull $$ref $$tmp --quiet; \
+	  $(BIN)/python scripts/check_artifact.py $$tmp/$$n; \
+	  rm -rf $$tmp; done
 
 demo: smollm2-135m
 	$(KILN) run artifacts/smollm2-135m --chat --max-new-tokens 96 --prompt "$(PROMPT)"

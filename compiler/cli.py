@@ -99,6 +99,24 @@ def _serve(args) -> int:
     return 0
 
 
+def _publish(args) -> int:
+    from compiler.publish import publish
+
+    out = publish(Path(args.artifact), args.ref)
+    print(json.dumps(out) if args.json else f"published {args.artifact} -> {out['ref']}" +
+          (f" ({out['digest']})" if out.get("digest") else ""))
+    return 0
+
+
+def _pull(args) -> int:
+    from compiler.publish import pull
+
+    dest = pull(args.ref, Path(args.dir))
+    if args.json or not args.quiet:
+        print(json.dumps({"artifact": str(dest)}) if args.json else f"pulled {args.ref} -> {dest} (verified)")
+    return 0
+
+
 def _package(args) -> int:
     from compiler.package import package
 
@@ -186,6 +204,12 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--name", help="model id in the API (default: the artifact's directory name)")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get HTTP 429")
     sv.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
+    pb = cmd("publish", _publish, "push an artifact to an OCI registry (ORAS) or a directory")
+    pb.add_argument("artifact")
+    pb.add_argument("ref", help="HOST[:PORT]/REPO[:TAG] or dir://PATH")
+    pl = cmd("pull", _pull, "fetch and verify an artifact from a registry or directory")
+    pl.add_argument("ref")
+    pl.add_argument("dir", help="parent directory; the artifact lands in DIR/<name>")
     pk = cmd("package", _package, "a deterministic archive of an artifact plus SHA256SUMS")
     pk.add_argument("artifact")
     pk.add_argument("--out", help="directory for the archive (default: beside the artifact)")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 from compiler.errors import KilnError
@@ -50,20 +52,30 @@ def _entry(name: str, size: int) -> tarfile.TarInfo:
 
 
 def unpack(archive: Path, dest: Path) -> Path:
-    """Extract a kiln archive (regular files under one top directory only) and verify it."""
-    with tarfile.open(archive, "r:gz") as tar:
-        members = tar.getmembers()
-        tops = {m.name.split("/", 1)[0] for m in members}
-        if len(tops) != 1 or any(not m.isfile() or ".." in m.name.split("/") or m.name.startswith("/") for m in members):
-            raise KilnError(f"{archive} is not a kiln artifact archive (one directory of regular files)",
-                            "pass an archive written by `kiln package`")
-        tar.extractall(dest, filter="data")
-    out = Path(dest) / tops.pop()
+    """Extract a kiln archive (regular files under one top directory only) into dest/<name>;
+    it is extracted and verified in a temp dir first, so a damaged archive leaves nothing."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack.", dir=dest))
     try:
-        verify_artifact(out)
-    except ArtifactTampered as e:
-        raise KilnError(str(e), "re-download the archive") from None
-    return out
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            tops = {m.name.split("/", 1)[0] for m in members}
+            if len(tops) != 1 or any(not m.isfile() or ".." in m.name.split("/") or m.name.startswith("/") for m in members):
+                raise KilnError(f"{archive} is not a kiln artifact archive (one directory of regular files)",
+                                "pass an archive written by `kiln package`")
+            tar.extractall(tmp, filter="data")
+        name = tops.pop()
+        verify_artifact(tmp / name)
+        out = dest / name
+        if out.exists():
+            shutil.rmtree(out)
+        (tmp / name).rename(out)
+        return out
+    except (ArtifactTampered, tarfile.TarError, OSError, EOFError) as e:
+        raise KilnError(f"{archive} does not unpack into a verified artifact: {e}", "re-download the archive") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["package", "unpack"]
