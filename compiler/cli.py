@@ -117,6 +117,16 @@ def _pull(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from compiler.export_triton import TritonOptions, export
+
+    opts = TritonOptions(name=args.name, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
+                         decoupled=not args.no_stream, copy=args.copy)
+    model_dir = export(Path(args.artifact), Path(args.repo), opts)
+    print(json.dumps({"model_dir": str(model_dir)}) if args.json else f"wrote Triton model {model_dir}")
+    return 0
+
+
 def _package(args) -> int:
     from compiler.package import package
 
@@ -210,6 +220,16 @@ def parser() -> argparse.ArgumentParser:
     pl = cmd("pull", _pull, "fetch and verify an artifact from a registry or directory")
     pl.add_argument("ref")
     pl.add_argument("dir", help="parent directory; the artifact lands in DIR/<name>")
+    ex = cmd("export", _export, "export an artifact for a serving system (triton)")
+    ex.add_argument("target", choices=["triton"])
+    ex.add_argument("artifact")
+    ex.add_argument("--repo", required=True, help="the Triton model repository directory")
+    ex.add_argument("--name", help="model name (default: the artifact's)")
+    ex.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    ex.add_argument("--threads", type=int, default=0, help="intra-op threads per instance (0: physical cores)")
+    ex.add_argument("--max-batch", type=int, default=4, help="requests generated together")
+    ex.add_argument("--no-stream", action="store_true", help="one response per request instead of decoupled streaming")
+    ex.add_argument("--copy", action="store_true", help="copy the artifact into the repository")
     pk = cmd("package", _package, "a deterministic archive of an artifact plus SHA256SUMS")
     pk.add_argument("artifact")
     pk.add_argument("--out", help="directory for the archive (default: beside the artifact)")
