@@ -79,9 +79,26 @@ def _client(host: str):
     loopback = host.split(":")[0] in ("127.0.0.1", "localhost", "::1")
     client = oras.client.OrasClient(hostname=host, insecure=loopback)
     user, password = os.environ.get("KILN_REGISTRY_USERNAME"), os.environ.get("KILN_REGISTRY_PASSWORD")
+    if not (user and password):
+        user, password = _docker_credentials(host)
     if user and password:
         client.login(username=user, password=password, hostname=host, insecure=loopback)
     return client
+
+
+def _docker_credentials(host: str) -> tuple[str | None, str | None]:
+    """user and password for host from the docker config (`auths.<host>.auth`, base64 user:pass)."""
+    import base64
+
+    path = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
+    try:
+        auth = json.loads(path.read_text()).get("auths", {}).get(host, {}).get("auth")
+        if auth:
+            user, _, password = base64.b64decode(auth).decode().partition(":")
+            return user, password
+    except (OSError, ValueError):
+        pass
+    return None, None
 
 
 @contextmanager

@@ -86,3 +86,15 @@ def test_directory_round_trip_and_damaged_archive(artifact, tmp_path):
 def test_bad_reference_is_a_clear_error(artifact, capsys):
     assert main(["publish", str(artifact), "not-a-registry"]) == 2
     assert "HOST[:PORT]/REPO[:TAG]" in capsys.readouterr().err
+
+
+def test_make_publish_round_trip(registry):
+    """`make publish`: every built artifact is published, pulled back, verified, loaded and run."""
+    from tests.conftest import ROOT, SMOLLM2_DIR
+
+    if shutil.which("make") is None or not (SMOLLM2_DIR / "config.json").is_file():
+        pytest.skip("needs make and `make model`")
+    subprocess.run(["make", "-s", "smollm2-135m"], cwd=ROOT, check=True, capture_output=True)
+    out = subprocess.run(["make", "-s", "publish", f"PUBLISH={registry}/ci", "TAG=t1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "smollm2-135m: verified, loaded, generated" in out.stdout
