@@ -65,6 +65,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     model = arch.build(cfg, ckpt, recipe.max_seq)
     pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
     model = pm.run(model)
+    pm.passes.clear()  # the quantiser holds the calibration statistics: drop them (records stay)
     return_freed_memory()  # calibration's buffers, before the backend's own peak
     facts = ort_backend.ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size,
                                    _generation(ckpt), task)
@@ -84,8 +85,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
         nodes = len(model.graph)
-        del model  # the quality gate loads engines: free the graph and the calibration data first
-        pm.passes.clear()
+        del model  # the quality gate loads engines: free the graph first
         gc.collect()
         # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
         quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization and recipe.backend == "onnxruntime" else None
