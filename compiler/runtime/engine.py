@@ -78,19 +78,22 @@ class Engine:
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
         gens = [Generation("", [], "length") for _ in batch]
-        for i, piece in self._run(batch, _config(config, kw), gens):
-            gens[i].text += piece
+        for i, piece in self.run_rows(batch, _config(config, kw), gens):
+            if piece is not None:
+                gens[i].text += piece
         return gens[0] if single else gens
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **kw) -> Iterator[str]:
         """Yields text pieces of one prompt as they become final; `last_timing` holds the timing."""
         gens = [Generation("", [], "length")]
-        for _, piece in self._run([prompt], _config(config, kw), gens):
-            yield piece
+        for _, piece in self.run_rows([prompt], _config(config, kw), gens):
+            if piece is not None:
+                yield piece
         self.last_generation = gens[0]
 
     # -- the loop -------------------------------------------------------------------------
-    def _run(self, prompts: list[Prompt], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str]]:
+    def run_rows(self, prompts: list[Prompt], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str | None]]:
+        """(row, text piece) as text becomes final; (row, None) once a row is complete."""
         ids = [self.text.prompt_ids(p, cfg.chat) for p in prompts]
         lens = np.array([len(x) for x in ids], dtype=np.int64)
         B, S, M = len(ids), int(lens.max()), self.config.max_seq
@@ -122,15 +125,14 @@ class Engine:
             nxt = sample(last, params, rng)
             for b in np.flatnonzero(active):
                 tok = int(nxt[b])
-                if tok in stops:
+                if tok not in stops:
+                    gens[b].token_ids.append(tok)
+                    piece = streams[b].push(tok)
+                    if piece:
+                        yield b, piece
+                if tok in stops or streams[b].stopped:
                     active[b], gens[b].finish_reason = False, "stop"
-                    continue
-                gens[b].token_ids.append(tok)
-                piece = streams[b].push(tok)
-                if piece:
-                    yield b, piece
-                if streams[b].stopped:
-                    active[b], gens[b].finish_reason = False, "stop"
+                    yield from _close(streams[b], b)
             if not active.any() or step == max_new - 1:
                 break
             feed = np.where(active, nxt, pad)[:, None]
@@ -138,10 +140,16 @@ class Engine:
             pos += active
             timing.decode_steps += 1
         timing.decode_s = time.perf_counter() - t1
-        for b in range(B):
-            rest = streams[b].finish()
-            if rest:
-                yield b, rest
+        for b in np.flatnonzero(active):  # rows that ran to the length limit
+            yield from _close(streams[b], b)
+
+
+def _close(stream: TextStream, b: int) -> Iterator[tuple[int, str | None]]:
+    """A finished row: its held-back text, then (b, None) to say it is complete."""
+    rest = stream.finish()
+    if rest:
+        yield b, rest
+    yield b, None
 
 
 def _config(config: GenerationConfig | None, kw: dict) -> GenerationConfig:

@@ -86,12 +86,13 @@ class Batcher:
             job.loop.call_soon_threadsafe(job.out.put_nowait, item)
 
         gens = [Generation("", [], "length") for _ in batch]
-        try:
-            for i, piece in self.engine._run([j.prompt for j in batch], batch[0].config, gens):
-                gens[i].text += piece
-                send(batch[i], piece)
-            for job, gen in zip(batch, gens):
-                send(job, gen)
+        try:  # each request is answered as soon as its own row is complete
+            for i, piece in self.engine.run_rows([j.prompt for j in batch], batch[0].config, gens):
+                if piece is None:
+                    send(batch[i], gens[i])
+                else:
+                    gens[i].text += piece
+                    send(batch[i], piece)
         except Exception as e:  # noqa: BLE001  (reported to every waiting client)
             for job in batch:
                 send(job, e)
