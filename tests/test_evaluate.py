@@ -106,6 +106,7 @@ def test_perturbed_checkpoint_reference(sharp, tmp_path):
 def test_reference_with_another_tokenizer(tiny_artifacts, tmp_path):
     from compiler.errors import KilnError
     from compiler.runtime import load
+    from compiler.runtime.verify import sha256
 
     ref = tmp_path / "other-tok"
     shutil.copytree(tiny_artifacts[("llama", "contrib")], ref)
@@ -116,6 +117,9 @@ def test_reference_with_another_tokenizer(tiny_artifacts, tmp_path):
     a, b = by_id[used[0]], by_id[next(i for i in used if i != used[0])]  # swap the ids of two tokens in the window
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (ref / "tokenizer.json").write_text(json.dumps(tok))
+    manifest = json.loads((ref / "kiln.json").read_text())  # a genuinely different artifact, not a tampered one
+    manifest["files"]["tokenizer.json"] = sha256(ref / "tokenizer.json")
+    (ref / "kiln.json").write_text(json.dumps(manifest))
     with pytest.raises(KilnError, match="reference tokenizer gives different ids"):
         evaluate(tiny_artifacts[("llama", "contrib")], reference=ref, window=WINDOW, chunk=CHUNK, progress=False)
 
