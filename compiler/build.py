@@ -22,6 +22,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import onnx_ir as ir
 import onnxruntime
 
 from compiler import __version__, build_cache
@@ -104,15 +105,24 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
 
 
 def _emit_onnxruntime(recipe: Recipe, model, cfg, facts, tmp: Path, progress: bool):
+    o = recipe.onnxruntime
     flavour = "standard"
-    if recipe.onnxruntime.graph == "contrib":
+    if o.precision != "float32":
+        from compiler.passes.precision import ToHalf
+
+        half = ToHalf(ir.DataType.FLOAT16 if o.precision == "float16" else ir.DataType.BFLOAT16)
+        model = PassManager([half]).run(model)
+        flavour = o.precision
+    if o.graph == "contrib":
         model = legalise(model, cfg)
-        flavour = "ort-contrib"
-    entries = {"session.qdq_matmulnbits_accuracy_level": str(recipe.onnxruntime.int4_accuracy_level)}
+        flavour = f"ort-contrib {flavour}" if o.precision != "float32" else "ort-contrib"
+    entries = {"session.qdq_matmulnbits_accuracy_level": str(o.int4_accuracy_level)}
     if recipe.quantization is not None and recipe.quantization.scheme == "fp8":
         # ORT 1.31 fuses Q/DQ + MatMul into MatMulIntegerToFloat, which rejects float8: keep QDQ as is
         entries["session.disable_quant_qdq"] = "1"
-    session = SessionConfig(intra_op_threads=recipe.onnxruntime.intra_op_threads, config_entries=entries)
+    session = SessionConfig(intra_op_threads=o.intra_op_threads, config_entries=entries)
+    if o.device == "cuda":
+        session = cuda_session_config(o, entries)
     engine = ort_backend.emit(model, facts, tmp, max_batch=recipe.max_batch, max_seq=recipe.max_seq,
                               session=session, graph_flavour=flavour, progress=progress)
     return engine, flavour
@@ -141,6 +151,17 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
         },
         "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
     }
+
+
+def cuda_session_config(o, entries: dict) -> SessionConfig:
+    """CUDA EP options chosen by kiln: no cuDNN algorithm search (no convolutions here), an arena
+    that grows by what is asked (the KV cache is allocated once), copies on the compute stream,
+    and CUDA graphs enabled for the decode step (the runtime picks a graph id per batch size)."""
+    options = {"device_id": str(o.device_id), "arena_extend_strategy": "kSameAsRequested",
+               "cudnn_conv_algo_search": "DEFAULT", "do_copy_in_default_stream": "1",
+               "enable_cuda_graph": "1" if o.cuda_graph else "0"}
+    return SessionConfig(execution_provider="CUDAExecutionProvider", intra_op_threads=1, config_entries=entries,
+                         provider_options=options, cuda_graph=o.cuda_graph)
 
 
 def _backend_record(engine, flavour: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.errors import KilnError
@@ -29,6 +29,16 @@ class OnnxRuntimeOptions(_Strict):
     intra_op_threads: int = Field(0, ge=0, description="0 = physical cores of the machine that loads the engine")
     # MatMulNBits compute for int4 weights: 0 = fp32 activations, 4 = int8 activations (fastest)
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: the CUDA execution provider (kiln[cuda] = onnxruntime-gpu)
+    precision: Literal["float32", "float16", "bfloat16"] = "float32"  # engine dtype; half types need device: cuda
+    device_id: int = Field(0, ge=0)
+    cuda_graph: bool = Field(True, description="cuda: capture the decode step in a CUDA graph per batch size")
+
+    @model_validator(mode="after")
+    def _half_needs_cuda(self):
+        if self.precision != "float32" and self.device != "cuda":
+            raise ValueError(f"precision {self.precision} needs device: cuda (the CPU provider computes half types in fp32)")
+        return self
 
 
 class QualityLimits(_Strict):

@@ -45,6 +45,8 @@ class SessionConfig:
     inter_op_threads: int = 1
     graph_optimization_level: str = "ORT_ENABLE_ALL"
     config_entries: dict = field(default_factory=dict)  # SessionOptions.add_session_config_entry
+    provider_options: dict = field(default_factory=dict)  # the execution provider's options (CUDA: device_id, ...)
+    cuda_graph: bool = False  # CUDA: replay the decode step from a captured graph (one per batch size)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class Engine:
             from compiler.runtime.tensorrt_session import TensorRTSession
 
             self.session = TensorRTSession(self.path, self.config)
+        elif self.config.session.execution_provider == "CUDAExecutionProvider":
+            from compiler.runtime.cuda_session import CudaDecoderSession
+
+            self.session = CudaDecoderSession(self.path, self.config, config_entries)
         else:
             self.session = DecoderSession(self.path, self.config, threads, config_entries)
 

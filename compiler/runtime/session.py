@@ -44,6 +44,19 @@ class KVCache:
     _arrays: list[np.ndarray]  # owners of the buffers the OrtValues wrap
 
 
+class ProviderUnavailable(ValueError):
+    """The engine was built for an execution provider this onnxruntime lacks (never a silent
+    fall back to the CPU)."""
+
+
+def require_provider(name: str) -> None:
+    available = ort.get_available_providers()
+    if name not in available:
+        package = {"CUDAExecutionProvider": "onnxruntime-gpu (pip install 'kiln[cuda]') and an NVIDIA GPU"}.get(name, name)
+        raise ProviderUnavailable(f"this engine runs on {name}, which needs {package}; this onnxruntime has "
+                                  f"{', '.join(available)}")
+
+
 class DecoderSession:
     def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.cfg = cfg
@@ -54,11 +67,10 @@ class DecoderSession:
         so.log_severity_level = 3
         for key, value in {**cfg.session.config_entries, **(config_entries or {})}.items():
             so.add_session_config_entry(key, value)
-        available = ort.get_available_providers()
-        if cfg.session.execution_provider not in available:
-            raise RuntimeError(f"this engine needs {cfg.session.execution_provider}, which this onnxruntime lacks ({available})")
+        require_provider(cfg.session.execution_provider)
         self.threads = so.intra_op_num_threads
-        self.session = ort.InferenceSession(str(engine_dir / cfg.model_file), so, providers=[cfg.session.execution_provider])
+        provider = (cfg.session.execution_provider, dict(cfg.session.provider_options))
+        self.session = ort.InferenceSession(str(engine_dir / cfg.model_file), so, providers=[provider])
 
     def new_cache(self, batch: int) -> KVCache:
         kv = self.cfg.kv_cache

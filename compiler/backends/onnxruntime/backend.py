@@ -17,7 +17,7 @@ from compiler.runtime.config import EngineConfig, GenerationDefaults, KVCacheSpe
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
-_NP_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
+_NP_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16", ir.DataType.INT64: "int64",
              ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool"}
 
 
@@ -47,7 +47,8 @@ def emit(model: ir.Model, facts: ModelFacts, out_dir: Path, *, max_batch: int, m
         model_file=MODEL_FILE,
         inputs=[_spec(v) for v in model.graph.inputs],
         outputs=[_spec(v) for v in model.graph.outputs],
-        kv_cache=KVCacheSpec(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_seq) if facts.task == "generate" else None,
+        kv_cache=KVCacheSpec(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_seq, dtype=_kv_dtype(model))
+        if facts.task == "generate" else None,
         max_batch=max_batch,
         max_seq=max_seq,
         vocab_size=facts.vocab_size,
@@ -58,6 +59,11 @@ def emit(model: ir.Model, facts: ModelFacts, out_dir: Path, *, max_batch: int, m
     )
     (out_dir / "engine.json").write_text(cfg.to_json())
     return cfg
+
+
+def _kv_dtype(model: ir.Model) -> str:
+    past = next((v for v in model.graph.inputs if v.name.startswith("past_key.")), None)
+    return _NP_NAMES.get(past.dtype, "float32") if past is not None else "float32"
 
 
 def _save(model: ir.Model, path: Path, progress: bool) -> None:
