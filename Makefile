@@ -10,7 +10,7 @@ SMOLLM2_DIR := .cache/models/smollm2-135m
 RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model demo test bench bench-serve all publish clean $(RECIPES)
+.PHONY: setup model demo test bench bench-serve bench-gpu all publish clean $(RECIPES)
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,9 @@ test: setup model
 bench: setup model
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
+
+bench-gpu: setup model   ## ONNX Runtime CUDA engines vs transformers on a GPU (needs kiln[cuda]); see docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_gpu.py --out bench-results/bench-gpu.json
 
 bench-serve: setup model smollm2-135m   ## kiln serve: 32 streaming clients for 60 s on loopback
 	$(BIN)/python benchmarks/bench_serve.py --artifact artifacts/smollm2-135m --out bench-results/bench-serve.json
