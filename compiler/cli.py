@@ -93,8 +93,8 @@ def _serve(args) -> int:
     name = args.name or Path(args.artifact).resolve().name
     if not args.quiet:
         print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_batch {engine.config.max_batch}, "
-              f"queue {args.max_queue})", file=sys.stderr)
-    uvicorn.run(create_app(engine, name, args.max_queue), host=args.host, port=args.port,
+              f"{args.batching} batching, queue {args.max_queue})", file=sys.stderr)
+    uvicorn.run(create_app(engine, name, args.max_queue, args.batching), host=args.host, port=args.port,
                 log_level="warning" if args.quiet else "info")
     return 0
 
@@ -213,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--name", help="model id in the API (default: the artifact's directory name)")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get HTTP 429")
+    sv.add_argument("--batching", choices=["inflight", "static"], default="inflight",
+                    help="inflight: requests join the running batch; static: whole batches")
     sv.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
     pb = cmd("publish", _publish, "push an artifact to an OCI registry (ORAS) or a directory")
     pb.add_argument("artifact")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compiler.runtime.engine import Engine, Generation, GenerationConfig
 from compiler.serve.batcher import Batcher, Job, Overloaded, ShuttingDown
+from compiler.serve.scheduler import Scheduler
 from compiler.serve.metrics import Metrics
 
 
@@ -55,8 +56,11 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def create_app(engine: Engine, name: str, max_queue: int = 64) -> FastAPI:
-    batcher, metrics = Batcher(engine, max_queue), Metrics()
+def create_app(engine: Engine, name: str, max_queue: int = 64, batching: str = "inflight") -> FastAPI:
+    """batching: "inflight" (requests join a running batch, answered as they finish) or
+    "static" (waiting requests with the same settings form whole batches)."""
+    batcher = Scheduler(engine, max_queue) if batching == "inflight" else Batcher(engine, max_queue)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -25,10 +25,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, artifact, max_queue: int = 64):
+    def __init__(self, artifact, max_queue: int = 64, batching: str = "inflight"):
         self.engine = load(artifact)
         self.port = _free_port()
-        config = uvicorn.Config(create_app(self.engine, "tiny", max_queue), host="127.0.0.1", port=self.port, log_level="error")
+        app = create_app(self.engine, "tiny", max_queue, batching)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -42,9 +43,9 @@ class Server:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_artifacts):
-    s = Server(tiny_artifacts[("llama", "contrib")])
+@pytest.fixture(scope="module", params=["inflight", "static"])
+def server(tiny_artifacts, request):
+    s = Server(tiny_artifacts[("llama", "contrib")], batching=request.param)
     yield s
     s.stop()
 
@@ -110,16 +111,23 @@ def test_bad_requests_get_400_with_the_reason(server, body, needle):
 
 
 def test_concurrent_streams_are_batched_and_complete(server):
-    """8 clients at once: every stream ends with [DONE] and carries what a lone request gets."""
+    """8 clients at once, arriving a little apart (so in-flight batching mixes prefill and decode):
+    every stream ends with [DONE] and carries what a lone request gets."""
     solo = {p: server.engine.generate(p, max_new_tokens=16).text for p in PROMPTS}
+
+    def client(i_p):
+        time.sleep(0.01 * i_p[0])
+        return i_p[1], _sse(c, "/v1/completions", {"prompt": i_p[1], "max_tokens": 16})
+
     with httpx.Client(base_url=server.url, timeout=120) as c, ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda p: (p, _sse(c, "/v1/completions", {"prompt": p, "max_tokens": 16})), PROMPTS * 2))
+        results = list(pool.map(client, enumerate(PROMPTS * 2)))
     for prompt, (text, events) in results:
         assert events[-1] == {"done": True} and text == solo[prompt]
 
 
-def test_full_queue_answers_429_not_a_crash(tiny_artifacts):
-    s = Server(tiny_artifacts[("llama", "contrib")], max_queue=1)
+@pytest.mark.parametrize("batching", ["inflight", "static"])
+def test_full_queue_answers_429_not_a_crash(tiny_artifacts, batching):
+    s = Server(tiny_artifacts[("llama", "contrib")], max_queue=1, batching=batching)
     try:
         with httpx.Client(base_url=s.url, timeout=120) as c, ThreadPoolExecutor(16) as pool:
             codes = list(pool.map(lambda _: c.post("/v1/completions", json={"prompt": "Long story", "max_tokens": 48}).status_code,
