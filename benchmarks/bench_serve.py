@@ -37,6 +37,8 @@ def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
                     done = True
                 elif line.startswith("data: "):
                     ev = json.loads(line[6:])
+                    if "error" in ev:
+                        return {"ok": False, "error": ev["error"].get("message", "")[:200]}
                     if ttft is None and ev["choices"][0].get("text"):
                         ttft = time.perf_counter() - t0
                     finish = ev["choices"][0].get("finish_reason") or finish
@@ -69,6 +71,9 @@ def clients(url: str, n: int, seconds: float, max_tokens: int) -> tuple[list[dic
 
 def summary(results: list[dict], wall: float) -> dict:
     ok = [r for r in results if r["ok"]]
+    for r in results:
+        if not r["ok"]:
+            print("failed:", r, file=sys.stderr)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     return {"requests": len(results), "failed_or_truncated": len(results) - len(ok),
             "ttft_p50_ms": round(1e3 * float(np.percentile(ttft, 50)), 1) if ttft else None,

@@ -1,7 +1,7 @@
 """In-flight (continuous) batching for the server: requests join and leave a running batch.
 
 The engine's static KV cache has max_batch rows; each row is a slot. Two kinds of step:
-  - prefill, when no slot is decoding: every new slot feeds its whole prompt (positions
+  - prefill, when every busy slot starts at position 0: each feeds its whole prompt (positions
     0..L-1, right-padded; logits read at L-1), free slots feed padding into their own rows;
   - decode, otherwise: one token per slot. A decoding slot feeds its last token; a slot that
     arrived while others decode feeds its prompt one token a step (ONNX Runtime's fused GQA
@@ -29,7 +29,6 @@ class _Slot:
     job: Job
     ids: list[int]  # ids still to feed: the prompt on arrival, then [last token]
     pos: int = 0  # position of ids[0]
-    decoding: bool = False  # its prompt is in the cache
     gen: Generation = field(default_factory=lambda: Generation("", [], "length"))
     stream: TextStream | None = None
     params: SamplingParams | None = None
@@ -100,10 +99,10 @@ class Scheduler:
 
     def _step(self) -> None:
         active = [(b, s) for b, s in enumerate(self.slots) if s is not None]
-        if any(s.decoding for _, s in active):
-            feeds = {b: s.ids[:1] for b, s in active}  # one token per slot
-        else:
-            feeds = {b: s.ids for b, s in active}  # every prompt at once
+        if any(s.pos > 0 for _, s in active):  # something has past context: one token per slot
+            feeds = {b: s.ids[:1] for b, s in active}
+        else:  # every slot starts from position 0: whole prompts at once
+            feeds = {b: s.ids for b, s in active}
         B, M, pad = len(self.slots), self.cfg.max_seq, self.cfg.generation.pad_token_id
         S = max(len(f) for f in feeds.values())
         ids = np.full((B, S), pad, dtype=np.int64)
@@ -119,7 +118,6 @@ class Scheduler:
             slot.pos += fed
             slot.ids = slot.ids[fed:]
             if not slot.ids:  # its input is all in: the logits are for its next token
-                slot.decoding = True
                 self._advance(b, slot, logits[b : b + 1])
 
     def _advance(self, b: int, slot: _Slot, logits: np.ndarray) -> None:

@@ -136,3 +136,29 @@ def test_full_queue_answers_429_not_a_crash(tiny_artifacts, batching):
     finally:
         s.stop()
     assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+
+
+def test_prompt_fed_token_by_token_survives_the_batch_draining(tiny_artifacts):
+    """A long prompt arrives while a short request decodes, so it is fed a token a step; the
+    short request ends (40 tokens) before the prompt is in (~100 tokens). The rest of the
+    prompt must still go in one token at a time: the fused attention takes several new tokens
+    only without past context."""
+    from tests.conftest import english_text
+
+    s = Server(tiny_artifacts[("llama", "contrib")])
+    long_prompt = english_text()[3000:3400]
+    try:
+        want = s.engine.generate(long_prompt, max_new_tokens=8).text
+        assert len(s.engine.text.encode(long_prompt)) > 60
+        with httpx.Client(base_url=s.url, timeout=120) as c, ThreadPoolExecutor(1) as pool:
+            long = None
+            body = {"prompt": "Hi", "max_tokens": 40, "stream": True}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if long is None and line.startswith("data: {"):  # the short one is decoding now
+                        long = pool.submit(c.post, "/v1/completions", json={"prompt": long_prompt, "max_tokens": 8})
+            r = long.result()
+    finally:
+        s.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
