@@ -136,8 +136,12 @@ def _record_builds() -> None:
     def build(recipe, out_root, **kw):
         manifest = inner(recipe, out_root, **kw)
         q = recipe.quantization.scheme if recipe.quantization is not None else None
-        precision = recipe.tensorrt.precision if recipe.backend == "tensorrt" else recipe.dtype
-        _built.append((manifest["source"]["architecture"], recipe.backend, f"{precision}+{q}" if q else precision))
+        if recipe.backend == "tensorrt":
+            backend, precision = "tensorrt", recipe.tensorrt.precision
+        else:
+            o = recipe.onnxruntime
+            backend, precision = ("onnxruntime-cuda" if o.device == "cuda" else "onnxruntime"), o.precision
+        _built.append((manifest["source"]["architecture"], backend, f"{precision}+{q}" if q else precision))
         return manifest
 
     build._records = True
