@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime
 
-from compiler import __version__, build_cache
+from compiler import __version__, build_cache, build_ranks
 from compiler.backends.onnxruntime import backend as ort_backend
 from compiler.backends.onnxruntime.legalise import legalise
 from compiler.card import render as render_card
@@ -59,25 +59,30 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     if task == "embed" and (recipe.quantization is not None or recipe.backend != "onnxruntime"):
         raise KilnError(f"{arch.ARCH} is an encoder: kiln builds it for onnxruntime without quantization so far",
                         "remove quantization and set backend: onnxruntime")
+    lay = build_ranks.layout(recipe, arch, cfg) if recipe.parallel.world_size > 1 else None  # before any work
     if recipe.backend == "tensorrt":
         from compiler.backends.tensorrt import backend as trt_backend
 
         trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration and any build work
-    model = arch.build(cfg, ckpt, recipe.max_seq)
-    pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
-    model = pm.run(model)
-    pm.passes.clear()  # the quantiser holds the calibration statistics: drop them (records stay)
-    return_freed_memory()  # calibration's buffers, before the backend's own peak
     facts = ort_backend.ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size,
                                    _generation(ckpt), task)
-    if recipe.backend == "tensorrt":
-        trt_backend.check(model, facts, cfg.num_heads)
+    model, pm = None, None
+    if lay is None:
+        model = arch.build(cfg, ckpt, recipe.max_seq)
+        pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
+        model = pm.run(model)
+        pm.passes.clear()  # the quantiser holds the calibration statistics: drop them (records stay)
+        return_freed_memory()  # calibration's buffers, before the backend's own peak
+        if recipe.backend == "tensorrt":
+            trt_backend.check(model, facts, cfg.num_heads)
     dest = out_root / recipe.name
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", suffix=".tmp", dir=out_root))
     tmp.chmod(0o755)
     try:
-        if recipe.backend == "tensorrt":
+        if lay is not None:
+            engine, flavour, pm, nodes = build_ranks.emit(recipe, arch, cfg, ckpt, facts, lay, tmp, progress, dump_ir)
+        elif recipe.backend == "tensorrt":
             engine = trt_backend.emit(model, facts, cfg.num_heads, tmp, recipe.tensorrt, max_batch=recipe.max_batch,
                                       max_seq=recipe.max_seq, progress=progress)
             flavour = f"tensorrt-network {engine.tensorrt.precision}"
@@ -85,13 +90,15 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
             engine, flavour = _emit_onnxruntime(recipe, model, cfg, facts, tmp, progress)
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
-        nodes = len(model.graph)
+        nodes = len(model.graph) if model is not None else nodes
         del model  # the quality gate loads engines: free the graph first
         gc.collect()
         # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
         quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization and recipe.backend == "onnxruntime" else None
         manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
         manifest["task"], manifest["build_key"] = engine.task, build_key
+        if lay is not None:
+            manifest["parallel"] = build_ranks.manifest_section(engine, arch, cfg, ckpt, recipe.max_seq)
         manifest["source"] = {"path": manifest["source"]["path"], "digest": digest, **manifest["source"]}
         card = tmp / "README.md"
         card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))

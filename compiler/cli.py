@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,9 +38,14 @@ def _build(args) -> int:
 
 
 def _run(args) -> int:
-    from compiler.runtime import load
+    from compiler.runtime import launch, load
 
+    world = launch.world_size(args.artifact)
+    if world > 1 and not launch.inside_group():  # start the ranks: each runs this same command
+        return launch.launch(world, args.argv or ["-m", "compiler.cli", *sys.argv[1:]])
     engine = load(args.artifact, threads=args.threads)
+    if world > 1 and int(os.environ["RANK"]) != 0:  # every rank generates; rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     is_encoder = getattr(engine.config, "task", "generate") == "embed"
     if args.embed or is_encoder:
         if not is_encoder:
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from compiler.errors import KilnError
 
     args = parser().parse_args(argv)
+    args.argv = None if argv is None else ["-m", "compiler.cli", *argv]  # how ranks re-run this command
     try:
         return args.fn(args)
     except KilnError as e:

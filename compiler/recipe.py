@@ -41,6 +41,19 @@ class OnnxRuntimeOptions(_Strict):
         return self
 
 
+class ParallelOptions(_Strict):
+    """tp x pp ranks (rank = stage * tp + tp_rank). stages: explicit [first, end) layer ranges,
+    one per pipeline stage; default an even split."""
+
+    tp: int = Field(1, ge=1, le=64, description="tensor-parallel ranks: split heads and the MLP")
+    pp: int = Field(1, ge=1, le=64, description="pipeline stages: split the layers")
+    stages: list[tuple[int, int]] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+
 class QualityLimits(_Strict):
     """Build-time quality gate of a quantised engine against the fp32 engine of the same source."""
 
@@ -63,6 +76,7 @@ class Recipe(_Strict):
     tensorrt: TensorRTOptions = TensorRTOptions()
     quantization: QuantConfig | None = None
     quality: QualityLimits = QualityLimits()
+    parallel: ParallelOptions = ParallelOptions()
 
     @field_validator("passes")
     @classmethod

@@ -67,8 +67,9 @@ def linear(b: GraphBuilder, x: ir.Value, weight: ir.Value, bias: ir.Value | None
 
 
 def split_heads(b: GraphBuilder, x: ir.Value, heads: int, head_dim: int, leaf: str) -> ir.Value:
-    """[B, S, N*D] -> [B, N, S, D]."""
-    x4 = b.op("Reshape", [x, b.const(np.array([0, 0, heads, head_dim]), "heads_shape")], f"{leaf}_reshape")
+    """[B, S, N*D] -> [B, N, S, D]. The head count is left to the Reshape (-1): a tensor-parallel
+    rank's graph holds N / tp heads without touching this constant."""
+    x4 = b.op("Reshape", [x, b.const(np.array([0, 0, -1, head_dim]), "heads_shape")], f"{leaf}_reshape")
     return b.op("Transpose", [x4], f"{leaf}_transpose", perm=[0, 2, 1, 3])
 
 
@@ -84,9 +85,9 @@ def rotary(b: GraphBuilder, x: ir.Value, inp: DecoderInputs, heads: int, head_di
 
 def head_norm(b: GraphBuilder, x: ir.Value, weight: ir.Value, heads: int, head_dim: int, eps: float, leaf: str) -> ir.Value:
     """RMSNorm of each head: [B, S, N*D] -> [B, S, N, D] -> norm over D (weight [D]) -> [B, S, N*D]."""
-    x4 = b.op("Reshape", [x, b.const(np.array([0, 0, heads, head_dim]), "heads_shape")], f"{leaf}_split_heads")
+    x4 = b.op("Reshape", [x, b.const(np.array([0, 0, -1, head_dim]), "heads_shape")], f"{leaf}_split_heads")
     y = b.op("RMSNormalization", [x4, weight], leaf, axis=-1, epsilon=eps)
-    return b.op("Reshape", [y, b.const(np.array([0, 0, heads * head_dim]), "merge_shape")], f"{leaf}_merge_heads")
+    return b.op("Reshape", [y, b.const(np.array([0, 0, -1]), "merge_shape")], f"{leaf}_merge_heads")
 
 
 def cached_attention(
@@ -111,7 +112,7 @@ def cached_attention(
     mask = inp.window_mask if sliding and inp.window_mask is not None else inp.mask
     y = b.op("Attention", [q4, present_k, present_v, mask], "Attention", scale=scale or 1.0 / math.sqrt(d))  # [B,Nq,S,D]
     y = b.op("Transpose", [y], "merge_transpose", perm=[0, 2, 1, 3])
-    y = b.op("Reshape", [y, b.const(np.array([0, 0, nq * d]), "merge_shape")], "merge_reshape")
+    y = b.op("Reshape", [y, b.const(np.array([0, 0, -1]), "merge_shape")], "merge_reshape")
     return y, present_k, present_v
 
 

@@ -68,6 +68,37 @@ class TensorRTSpec:
 
 
 @dataclass(frozen=True)
+class RankSpec:
+    """One rank of a multi-rank engine: where it sits and what it runs, in order. Each step is
+    {"part": file, "inputs": [...], "outputs": [...]} (an ONNX Runtime session) or
+    {"collective": "AllReduce", "input": name, "output": name, "group": "tp", ...}."""
+
+    rank: int
+    stage: int
+    tp_rank: int
+    layers: list[int]  # [first, end)
+    model_file: str  # rank{r}.onnx (ONNX Runtime: the uncut rank graph) or rank{r}.engine
+    steps: list[dict] = field(default_factory=list)
+    weight_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """tp x pp layout; rank r = stage * tp + tp_rank. Hidden states [B, S, hidden_size] move
+    between stages (same tp_rank) by send/recv; logits leave the last stage by broadcast."""
+
+    tp: int
+    pp: int
+    stages: list[list[int]]
+    hidden_size: int
+    ranks: list[RankSpec]
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     backend: str
     model_file: str
@@ -82,6 +113,7 @@ class EngineConfig:
     graph_flavour: str = "standard"  # "standard" ONNX ops, or "ort-contrib" after legalisation
     tensorrt: TensorRTSpec | None = None  # TensorRT engines only
     task: str = "generate"  # "generate" (decoder with KV cache) | "embed" (encoder -> sentence embeddings)
+    parallel: ParallelSpec | None = None  # multi-rank engines only (kv_cache then holds one rank's heads)
     format: int = ENGINE_FORMAT
 
     def to_json(self) -> str:
@@ -101,9 +133,16 @@ class EngineConfig:
                 "session": SessionConfig(**d["session"]),
                 "generation": GenerationDefaults(**d["generation"]),
                 "tensorrt": TensorRTSpec(**d["tensorrt"]) if d.get("tensorrt") else None,
+                "parallel": _parallel(d.get("parallel")),
             }
         )
 
     @classmethod
     def load(cls, path: Path) -> "EngineConfig":
         return cls.from_json(Path(path).read_text())
+
+
+def _parallel(d: dict | None) -> ParallelSpec | None:
+    if not d:
+        return None
+    return ParallelSpec(**{**d, "ranks": [RankSpec(**r) for r in d["ranks"]]})

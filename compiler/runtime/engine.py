@@ -66,7 +66,11 @@ class Engine:
         self.config = EngineConfig.load(self.path / "engine.json")
         self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
         self.text = Text(self.path)
-        if self.config.backend == "tensorrt":
+        if self.config.parallel is not None:
+            from compiler.runtime.distributed import DistributedSession
+
+            self.session = DistributedSession(self.path, self.config, threads, config_entries)
+        elif self.config.backend == "tensorrt":
             from compiler.runtime.tensorrt_session import TensorRTSession
 
             self.session = TensorRTSession(self.path, self.config)

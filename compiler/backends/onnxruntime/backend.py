@@ -41,7 +41,7 @@ def _spec(v: ir.Value) -> TensorSpec:
 def emit(model: ir.Model, facts: ModelFacts, out_dir: Path, *, max_batch: int, max_seq: int,
          session: SessionConfig, graph_flavour: str, progress: bool = True) -> EngineConfig:
     """Serialise `model` into out_dir and return its engine config (also written as engine.json)."""
-    _save(model, out_dir / MODEL_FILE, progress)
+    save(model, out_dir / MODEL_FILE, DATA_FILE, progress)
     cfg = EngineConfig(
         backend="onnxruntime",
         model_file=MODEL_FILE,
@@ -66,7 +66,8 @@ def _kv_dtype(model: ir.Model) -> str:
     return _NP_NAMES.get(past.dtype, "float32") if past is not None else "float32"
 
 
-def _save(model: ir.Model, path: Path, progress: bool) -> None:
+def save(model: ir.Model, path: Path, data_file: str, progress: bool) -> None:
+    """Write the graph to path and its weights to data_file beside it, one tensor at a time."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     lazy_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -78,4 +79,4 @@ def _save(model: ir.Model, path: Path, progress: bool) -> None:
             bar.advance(task, tensor.nbytes)
 
         # one tensor in flight at a time keeps peak memory near the largest weight
-        ir.save(model, path, external_data=DATA_FILE, callback=tick, max_workers=1, max_in_flight_bytes=64 << 20)
+        ir.save(model, path, external_data=data_file, callback=tick, max_workers=1, max_in_flight_bytes=64 << 20)

@@ -16,6 +16,7 @@ from compiler.frontend.models import llama
 from compiler.frontend.models.llama import need
 from compiler.frontend.rope import RopeConfig
 
+SHARDS = llama.SHARDS
 ARCH = "Gemma3ForCausalLM"
 
 WEIGHTS = {

@@ -18,6 +18,7 @@ from compiler.frontend import layers as L
 from compiler.frontend.moe import MoeConfig, moe_mlp
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.rope import RopeConfig
+from compiler.frontend.sharding import ShardSpec
 from compiler.frontend.weights import Weights
 from compiler.ir.builder import GraphBuilder
 
@@ -39,6 +40,14 @@ WEIGHTS = {
     "attn/q_norm": "model.layers.{i}.self_attn.q_norm.weight",
     "attn/k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
+
+# Tensor parallelism, as data (see compiler/frontend/sharding.py): by graph scope under /layers.{i}/.
+SHARDS = (
+    *(ShardSpec(f"attn/{p}", "column") for p in ("q_proj", "k_proj", "v_proj", "qkv_proj")),
+    ShardSpec("attn/o_proj", "row"),
+    *(ShardSpec(f"mlp/{p}", "column") for p in ("gate_proj", "up_proj", "gate_up_proj")),
+    ShardSpec("mlp/down_proj", "row"),
+)
 
 
 def need(cfg: dict, key: str, arch: str):

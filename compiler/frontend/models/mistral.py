@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compiler.frontend.models.llama import LlamaConfig, build  # noqa: F401  (the shared builder)
+from compiler.frontend.models.llama import SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
 
 ARCH = "MistralForCausalLM"
 

@@ -4,7 +4,7 @@ Mistral sliding window when the config sets one."""
 
 from __future__ import annotations
 
-from compiler.frontend.models.llama import LlamaConfig, build, need  # noqa: F401  (the shared builder)
+from compiler.frontend.models.llama import SHARDS, LlamaConfig, build, need  # noqa: F401  (the shared builder)
 from compiler.frontend.moe import MoeConfig
 
 ARCH = "MixtralForCausalLM"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from compiler.errors import KilnError
 from compiler.frontend.models import llama
 
+SHARDS = llama.SHARDS
 ARCH = "Phi3ForCausalLM"
 
 WEIGHTS = {

@@ -4,7 +4,7 @@ rotary) and an explicit head_dim. No qkv bias. Sliding windows are refused, as f
 from __future__ import annotations
 
 from compiler.errors import KilnError
-from compiler.frontend.models.llama import LlamaConfig, build  # noqa: F401  (the shared builder)
+from compiler.frontend.models.llama import SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
 
 ARCH = "Qwen3ForCausalLM"
 

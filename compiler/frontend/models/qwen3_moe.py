@@ -5,7 +5,7 @@ in the layers `decoder_sparse_step` selects, minus `mlp_only_layers` (those keep
 from __future__ import annotations
 
 from compiler.errors import KilnError
-from compiler.frontend.models.llama import LlamaConfig, build, need  # noqa: F401  (the shared builder)
+from compiler.frontend.models.llama import SHARDS, LlamaConfig, build, need  # noqa: F401  (the shared builder)
 from compiler.frontend.moe import MoeConfig
 
 ARCH = "Qwen3MoeForCausalLM"

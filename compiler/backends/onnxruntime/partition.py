@@ -1,0 +1,98 @@
+"""Cut a rank's graph at its collectives into parts ONNX Runtime can run.
+
+ONNX Runtime has no collective ops, so `rank{r}.onnx` (the whole rank graph, with its
+`kiln::AllReduce` nodes) is cut into `rank{r}.part{k}.onnx`: maximal runs of standard nodes, in
+topological order. Between two parts the runtime performs the collective with
+torch.distributed. A part's inputs are the graph inputs and earlier values it reads; its
+outputs are what later parts, collectives or the graph outputs read. Parts are written from the
+saved rank graph's protobuf, whose initializers refer to `rank{r}.onnx.data`: every part shares
+that one weights file (no copies), and the cut never loads a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+DOMAIN = "kiln"
+
+
+@dataclass
+class Part:
+    nodes: list = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+
+def steps(graph: onnx.GraphProto) -> list[Part | onnx.NodeProto]:
+    """Parts and the collective nodes between them, in execution order."""
+    out: list[Part | onnx.NodeProto] = [Part()]
+    for node in graph.node:
+        if node.domain == DOMAIN:
+            out += [node, Part()]
+        else:
+            out[-1].nodes.append(node)
+    out = [s for s in out if not isinstance(s, Part) or s.nodes]
+    inits = {t.name for t in graph.initializer}
+    graph_outputs = {v.name for v in graph.output}
+    for i, s in enumerate(out):
+        if not isinstance(s, Part):
+            continue
+        made = {o for n in s.nodes for o in n.output}
+        later = {x for t in out[i + 1:] for x in (_inputs_of(t))} | graph_outputs
+        s.inputs = _unique(x for n in s.nodes for x in n.input if x and x not in made and x not in inits)
+        s.outputs = _unique(o for n in s.nodes for o in n.output if o in later)
+    return out
+
+
+def _inputs_of(step) -> list[str]:
+    return [x for n in step.nodes for x in n.input] if isinstance(step, Part) else list(step.input)
+
+
+def _unique(names) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def write_parts(rank_model: Path, prefix: str) -> list[dict]:
+    """Write each part beside rank_model as `{prefix}.part{k}.onnx`; returns the step records
+    for engine.json: {"part": file, "inputs", "outputs"} or {"collective": op, "input", "output", ...}."""
+    model = onnx.load(str(rank_model), load_external_data=False)
+    # types of values that legalisation added after the passes' shape inference (int32 lengths, ...)
+    typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    g = model.graph
+    known = {v.name for v in [*g.input, *g.output, *g.value_info]}
+    g.value_info.extend(v for v in typed.graph.value_info if v.name not in known)
+    infos = {v.name: v for v in [*g.input, *g.output, *g.value_info]}
+    inits = {t.name: t for t in g.initializer}
+    records, k = [], 0
+    for s in steps(g):
+        if not isinstance(s, Part):
+            if s.input[0] in infos and s.output[0] not in infos:  # same type and shape as its input
+                info = onnx.ValueInfoProto()
+                info.CopyFrom(infos[s.input[0]])
+                info.name = s.output[0]
+                infos[info.name] = info
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in s.attribute}
+            records.append({"collective": s.op_type, "input": s.input[0], "output": s.output[0],
+                            **{a: (v.decode() if isinstance(v, bytes) else v) for a, v in attrs.items()}})
+            continue
+        used = {x for n in s.nodes for x in n.input}
+        part = onnx.helper.make_graph(
+            s.nodes, f"{g.name}_part{k}", [_info(infos, x) for x in s.inputs], [_info(infos, x) for x in s.outputs],
+            initializer=[inits[x] for x in inits if x in used])
+        opsets = [o for o in model.opset_import if o.domain != DOMAIN]
+        pm = onnx.helper.make_model(part, opset_imports=opsets, ir_version=model.ir_version, producer_name="kiln")
+        name = f"{prefix}.part{k}.onnx"
+        onnx.save(pm, str(rank_model.parent / name))
+        records.append({"part": name, "inputs": s.inputs, "outputs": s.outputs})
+        k += 1
+    return records
+
+
+def _info(infos: dict, name: str) -> onnx.ValueInfoProto:
+    """The value's type from shape inference (dims kept), or a float tensor of unknown shape."""
+    if name in infos:
+        return infos[name]
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)

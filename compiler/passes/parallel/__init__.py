@@ -1,0 +1,1 @@
+"""Parallelism passes: split a model's graph into the graph of one rank."""
