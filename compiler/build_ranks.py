@@ -50,9 +50,16 @@ def rank_model(recipe, arch, cfg, ckpt, lay: Layout, rank: int, dump_ir: Path | 
     """The rank's graph after the parallel passes and the recipe's passes, and the PassManager."""
     stage, tp_rank = lay.coords(rank)
     model = arch.build(cfg, ckpt, recipe.max_seq)
-    passes = [TensorParallel(getattr(arch, "SHARDS", ()), lay.tp, tp_rank), PipelineStage(stage, lay.stages, cfg.hidden_size)]
+    passes = [PipelineStage(stage, lay.stages, cfg.hidden_size), TensorParallel(getattr(arch, "SHARDS", ()), lay.tp, tp_rank)]
     pm = PassManager(passes + make(recipe.passes), dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
     return pm.run(model), pm
+
+
+def rank_spec(lay: Layout, rank: int, model_file: str, steps: list[dict], pm: PassManager) -> RankSpec:
+    stage, tp_rank = lay.coords(rank)
+    tp_pass = pm.passes[1]
+    return RankSpec(rank, stage, tp_rank, list(lay.stages[stage]), model_file, steps,
+                    tp_pass.sharded_bytes + tp_pass.replicated_bytes, tp_pass.replicated_bytes)
 
 
 def rank_config(cfg, lay: Layout):
@@ -72,13 +79,10 @@ def emit_onnxruntime(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, pro
         if o.graph == "contrib":
             model = legalise(model, rcfg)
         name = f"rank{r}.onnx"
-        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         ort_backend.save(model, tmp / name, f"{name}.data", progress)
         del model
         gc.collect()
-        stage, tp_rank = lay.coords(r)
-        steps = write_parts(tmp / name, f"rank{r}")
-        ranks.append(RankSpec(r, stage, tp_rank, list(lay.stages[stage]), name, steps, weight_bytes))
+        ranks.append(rank_spec(lay, r, name, write_parts(tmp / name, f"rank{r}"), pm))
     flavour = "ort-contrib" if o.graph == "contrib" else "standard"
     entries = {"session.qdq_matmulnbits_accuracy_level": str(o.int4_accuracy_level)}
     engine = EngineConfig(
@@ -113,11 +117,10 @@ def manifest_section(engine: EngineConfig, arch, cfg, ckpt, max_seq: int) -> dic
     replicated beyond total / world_size (embeddings, norms, lm_head, routed experts)."""
     p = engine.parallel
     total = single_rank_bytes(arch.build(cfg, ckpt, max_seq))  # lazy: no weight is read
-    ideal = total / p.world_size
     return {
         "world_size": p.world_size, "tp": p.tp, "pp": p.pp, "stages": p.stages,
         "weight_bytes_single_rank": total,
         "ranks": [{"rank": r.rank, "stage": r.stage, "tp_rank": r.tp_rank, "layers": r.layers, "weight_bytes": r.weight_bytes,
-                   "replicated_bytes": max(0, int(r.weight_bytes - ideal)),
+                   "replicated_bytes": r.replicated_bytes,
                    "files": sorted({r.model_file, *(s["part"] for s in r.steps if "part" in s)})} for r in p.ranks],
     }

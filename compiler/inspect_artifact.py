@@ -60,6 +60,22 @@ def _text(m: dict, engine: dict, g: dict | None) -> str:
             f"graph      {g['nodes']} nodes, {g['initializers']} initializers, {g['weight_bytes'] / 1e6:.1f} MB weights ({', '.join(g['weight_dtypes'])})",
             "ops        " + ", ".join(f"{k} {v}" for k, v in g["ops"].items())]),
         "inputs     " + ", ".join(f"{t['name']}{t['shape']}" for t in engine["inputs"][:4]) + (" ..." if len(engine["inputs"]) > 4 else ""),
-        "files      " + ", ".join(sorted(m["files"])),
+        *_parallel_lines(m.get("parallel")),
+        "files      " + _files(m["files"]),
     ]
     return "\n".join(lines)
+
+
+def _parallel_lines(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    head = f"ranks      tp={p['tp']} x pp={p['pp']} = {p['world_size']}; single-rank weights {p['weight_bytes_single_rank'] / 1e6:.1f} MB"
+    return [head] + [f"  rank {r['rank']}  stage {r['stage']} tp_rank {r['tp_rank']}  layers {r['layers'][0]}..{r['layers'][1] - 1}  "
+                     f"{r['weight_bytes'] / 1e6:.1f} MB weights ({r['replicated_bytes'] / 1e6:.1f} MB replicated)" for r in p["ranks"]]
+
+
+def _files(files) -> str:
+    """File names, with the ONNX Runtime rank parts counted rather than listed."""
+    parts = [f for f in files if ".part" in f]
+    rest = sorted(f for f in files if ".part" not in f)
+    return ", ".join(rest) + (f", and {len(parts)} rank{{r}}.part{{k}}.onnx files" if parts else "")

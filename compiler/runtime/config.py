@@ -80,6 +80,7 @@ class RankSpec:
     model_file: str  # rank{r}.onnx (ONNX Runtime: the uncut rank graph) or rank{r}.engine
     steps: list[dict] = field(default_factory=list)
     weight_bytes: int = 0
+    replicated_bytes: int = 0  # of weight_bytes: the same on every tp rank (embeddings, norms, lm_head, experts)
 
 
 @dataclass(frozen=True)

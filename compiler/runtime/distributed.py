@@ -58,6 +58,9 @@ class DistributedSession:
 
     def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.cfg, spec = cfg, cfg.parallel
+        if cfg.backend != "onnxruntime":
+            raise LayoutMismatch(f"this is a {spec.world_size}-rank {cfg.backend} engine: its collectives run on NCCL between "
+                                 "NVIDIA GPUs, which this runtime does not drive yet; build with backend: onnxruntime to run on CPUs")
         self.dist = process_group(spec)
         self.rank = self.dist.get_rank()
         self.me: RankSpec = spec.ranks[self.rank]

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from compiler.backends.onnxruntime.backend import ModelFacts
-from compiler.backends.tensorrt import attention, ops, quant, trt_module
+from compiler.backends.tensorrt import attention, collectives, ops, quant, trt_module
 from compiler.backends.tensorrt.network import Lowering, LoweringError
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.errors import KilnError
@@ -22,7 +22,7 @@ from compiler.runtime.config import EngineConfig, KVCacheSpec, TensorRTSpec, Ten
 
 ENGINE_FILE = "rank0.engine"
 LOG_FILE = "build.log"
-OPS = {**ops.OPS, **attention.OPS, **quant.OPS}
+OPS = {**ops.OPS, **attention.OPS, **quant.OPS, **collectives.OPS}
 _INT_INPUTS = ("input_ids", "position_ids", "logits_positions")  # int64 in the IR, int32 bindings
 
 
@@ -64,7 +64,10 @@ def check(model: ir.Model, facts: ModelFacts, num_heads: int) -> None:
 
 
 def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts: TensorRTOptions, *,
-         max_batch: int, max_seq: int, progress: bool = True) -> EngineConfig:
+         max_batch: int, max_seq: int, progress: bool = True, engine_file: str = ENGINE_FILE,
+         log_file: str = LOG_FILE) -> EngineConfig:
+    """Build and write `engine_file` (and its build log); returns the engine config, also written
+    as engine.json."""
     flavour = trt_module.load(opts.module)
     check(model, facts, num_heads)
     trt = flavour.trt
@@ -87,16 +90,16 @@ def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts
     plan = builder.build_serialized_network(lw.net, config)
     del lw, builder  # the network and its weights: only the plan is needed now
     return_freed_memory()
-    (out_dir / LOG_FILE).write_text("\n".join(log.lines) + "\n")
+    (out_dir / log_file).write_text("\n".join(log.lines) + "\n")
     if plan is None:
         raise KilnError(f"TensorRT could not build the engine: {log.last_error() or 'no error was logged'}",
                         "check the recipe's targets, precision and quantisation against that message; "
                         "`kiln build --verbose` shows the builder's full log")
-    with open(out_dir / ENGINE_FILE, "wb") as f:
+    with open(out_dir / engine_file, "wb") as f:
         f.write(memoryview(plan))
     _save_timing_cache(config, cache, cache_path)
     cfg = EngineConfig(
-        backend="tensorrt", model_file=ENGINE_FILE, inputs=specs_in, outputs=specs_out,
+        backend="tensorrt", model_file=engine_file, inputs=specs_in, outputs=specs_out,
         kv_cache=KVCacheSpec(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_seq, dtype=opts.precision),
         max_batch=max_batch, max_seq=max_seq, vocab_size=facts.vocab_size, generation=facts.generation,
         graph_flavour="tensorrt-network",

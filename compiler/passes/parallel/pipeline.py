@@ -77,6 +77,9 @@ class PipelineStage:
         for v in list(g.inputs):
             if v not in used and v.name != HIDDEN_IN:
                 g.inputs.remove(v)
+        for name, v in list(g.initializers.items()):  # other stages' weights
+            if v not in used:
+                del g.initializers[name]
         return PassResult(model, True, [f"stage {self.stage}: layers {lo}..{hi - 1}, {len(drop)} nodes of other stages dropped"])
 
     def _boundary(self, g: ir.Graph, values: set[ir.Value], name: str, as_input: bool) -> None:

@@ -63,15 +63,33 @@ def all_reduce(graph: ir.Graph, y: ir.Value, name: str) -> ir.Value:
     return out
 
 
+def _declare_all_reduce(model: ir.Model) -> None:
+    """A model-local function `kiln::AllReduce` whose body is Identity: to ONNX's type and shape
+    inference an all-reduce keeps its input's type and shape. No backend runs the body: ONNX
+    Runtime's graph is cut at the collective, TensorRT lowers it to a collective layer."""
+    if (DOMAIN, "AllReduce", "") in model.functions:
+        return
+    x = ir.Value(name="x")
+    body = ir.Node("", "Identity", [x], num_outputs=1, name="identity")
+    body.outputs[0].name = "y"
+    graph = ir.Graph([x], body.outputs, nodes=[body], opset_imports={"": 24}, name="AllReduce")
+    fn = ir.Function(DOMAIN, "AllReduce", "", graph=graph, attributes=[ir.Attr("reduction", ir.AttributeType.STRING, "sum"),
+                                                                       ir.Attr("group", ir.AttributeType.STRING, "tp")])
+    model.functions[fn.identifier()] = fn
+
+
 class TensorParallel:
     name = "tensor_parallel"
 
     def __init__(self, specs: tuple[ShardSpec, ...], tp: int, rank: int):
         self.specs = {s.scope: s.kind for s in specs}
         self.tp, self.rank = tp, rank
+        self.sharded_bytes = self.replicated_bytes = 0  # this rank's weights, after run()
 
     def run(self, model: ir.Model) -> PassResult:
         g, tp = model.graph, self.tp
+        total = sum(v.const_value.nbytes for v in g.initializers.values() if v.const_value is not None)
+        self.replicated_bytes = total
         if tp == 1:
             return PassResult(model, False)
         counts = {"column": 0, "row": 0}
@@ -86,6 +104,7 @@ class TensorParallel:
                 raise KilnError(f"tensor_parallel: {node.name} has no [K, N] weight initializer",
                                 "run tensor_parallel before passes that rewrite projections")
             (self._column if kind == "column" else self._row)(g, node, w)
+            self.sharded_bytes += w.const_value.nbytes
             counts[kind] += 1
             layers.add(f"/layers.{m.group(1)}/")
         for node in g:
@@ -95,7 +114,11 @@ class TensorParallel:
             if v.name.startswith(KV_PREFIXES) and v.shape is not None and isinstance(v.shape[1], int):
                 v.shape = ir.Shape([v.shape[0], v.shape[1] // tp, *v.shape[2:]])
         model.graph.opset_imports.setdefault(DOMAIN, 1)
-        note = f"rank {self.rank}/{tp}: {counts['column']} column- and {counts['row']} row-parallel projections"
+        _declare_all_reduce(model)
+        self.replicated_bytes = sum(v.const_value.nbytes for v in g.initializers.values()
+                                    if v.const_value is not None) - self.sharded_bytes
+        note = (f"rank {self.rank}/{tp}: {counts['column']} column- and {counts['row']} row-parallel projections, "
+                f"{self.sharded_bytes / 1e6:.1f} MB sharded, {self.replicated_bytes / 1e6:.1f} MB replicated")
         return PassResult(model, True, [note])
 
     def _column(self, g: ir.Graph, node: ir.Node, w: ir.Value) -> None:
@@ -113,6 +136,7 @@ class TensorParallel:
         _lazy_slice(w, (slice(None), cols), (K, len(cols)))
         if bias is not None:
             _lazy_slice(bias.inputs[1], (cols,), (len(cols),))
+            self.sharded_bytes += bias.inputs[1].const_value.nbytes
         if split is not None:  # a fresh constant: the original may be shared with other Splits
             sizes = np.array([p // self.tp for p in parts], dtype=np.int64)
             const = ir.Value(name=f"{split.name}_sizes_tp", const_value=ir.Tensor(sizes),
