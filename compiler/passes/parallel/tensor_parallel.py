@@ -92,6 +92,11 @@ class TensorParallel:
         self.replicated_bytes = total
         if tp == 1:
             return PassResult(model, False)
+        for node in g:  # whole heads per rank, checked before anything is touched
+            heads = node.attributes.get("num_heads")
+            if heads is not None and (node.name or "").startswith("/layers.") and heads.as_int() % tp:
+                raise KilnError(f"tensor_parallel: {node.name} has {heads.as_int()} heads, not divisible by tp={tp}",
+                                "choose a tp that divides the query and KV heads")
         counts = {"column": 0, "row": 0}
         layers: set[str] = set()
         for node in list(g):
