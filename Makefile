@@ -64,6 +64,7 @@ test: setup model
 bench: setup model
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
+	$(BIN)/python benchmarks/bench_parallel.py --out bench-results/bench-parallel.json
 
 bench-gpu: setup model   ## ONNX Runtime CUDA engines vs transformers on a GPU (needs kiln[cuda]); see docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_gpu.py --out bench-results/bench-gpu.json
