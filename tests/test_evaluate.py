@@ -100,7 +100,7 @@ def test_perturbed_checkpoint_reference(sharp, tmp_path):
     assert res.top1_agreement < 1.0 or res.mean_kl > 1e-4
     assert res.mean_kl > 0 and res.reference_perplexity != res.perplexity
     same = evaluate(art, reference=ckpt, window=WINDOW, chunk=CHUNK, progress=False)  # the unperturbed source
-    assert same.top1_agreement == 1.0 and same.mean_kl < 1e-9
+    assert same.top1_agreement == 1.0 and same.mean_kl < 1e-7  # float noise between the two engines
 
 
 def test_reference_with_another_tokenizer(tiny_artifacts, tmp_path):

@@ -75,10 +75,6 @@ def _producer_chain(v: ir.Value, ops: tuple[str, ...]) -> ir.Value | None:
     return v
 
 
-def _const_shape(node: ir.Node | None) -> bool:
-    return node is not None and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None
-
-
 def _value_sink(x: ir.Value) -> Sink | None:
     """o_proj's input: Reshape(Transpose(Attention(q, k, V))) with V = cache update of the v
     projection's columns. Each output channel (head h, dim d) is a mix of V channel
@@ -91,12 +87,15 @@ def _value_sink(x: ir.Value) -> Sink | None:
     v4 = scatter.inputs[1]  # [B, Nkv, S, D]
     split_heads = _producer_chain(v4, ("Transpose",))
     reshape = split_heads.producer() if split_heads is not None else None
-    merge = x.producer()
-    if reshape is None or reshape.op_type != "Reshape" or not _const_shape(reshape) or not _const_shape(merge):
+    if reshape is None or reshape.op_type != "Reshape":
         return None
     v = reshape.inputs[0]
-    nkv, d = (int(n) for n in reshape.inputs[1].const_value.numpy()[2:4])  # Reshape to [0, 0, Nkv, D]
-    k = int(merge.inputs[1].const_value.numpy()[-1])  # Reshape to [0, 0, Nq * D]
+    past = scatter.inputs[0]  # [B, Nkv, M, D]: head counts are static on the cache, not on the -1 reshapes
+    readers = [u.inputs[1] for u, _ in x.uses() if u.op_type == "MatMul" and u.inputs[1] is not None]
+    if past.shape is None or not all(isinstance(n, int) for n in (past.shape[1], past.shape[3])) or not readers:
+        return None
+    nkv, d = past.shape[1], past.shape[3]
+    k = readers[0].shape[0]  # o_proj's input width, Nq * D
     if k % (nkv * d):
         return None
     heads = k // d
