@@ -1,0 +1,28 @@
+"""rmsnorm_residual: residual add + RMSNorm in one pass over memory (decode is bandwidth-bound:
+the unfused pair writes the sum, then reads it back for the norm)."""
+
+from __future__ import annotations
+
+from plugins.rmsnorm_residual import schema
+from plugins.rmsnorm_residual.decomposition import decomposition
+from plugins.rmsnorm_residual.reference import reference
+from plugins.spec import Plugin
+
+
+def _kernel(*args, **kw):
+    from plugins.rmsnorm_residual.kernel import kernel  # triton is imported only when a kernel runs
+
+    return kernel(*args, **kw)
+
+
+def _rewrite():
+    from plugins.rmsnorm_residual.rewrite import FuseRmsNormResidual
+
+    return FuseRmsNormResidual()
+
+
+PLUGIN = Plugin(
+    name="rmsnorm_residual", op_type=schema.OP_TYPE, doc=__doc__.strip(), inputs=schema.INPUTS, outputs=schema.OUTPUTS,
+    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition, kernel=_kernel,
+    rewrite=_rewrite,
+)
