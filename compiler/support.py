@@ -43,4 +43,6 @@ def text(t: dict) -> str:
         lines.append("  ".join([arch.ljust(aw)] + [(", ".join(row[be]) or "-").ljust(widths[be]) for be in backends]))
     when = t["generated"] or "never (run `make test`)"
     lines.append(f"precisions with a passing test in the last full test run ({when}); float32+X = quantised with X")
+    lines.append("tensorrt and onnxruntime-cuda cells are engines built and checked on CPU; running them is tested only "
+                 "by GPU-marked tests, which run where a GPU is present")
     return "\n".join(line.rstrip() for line in lines)
