@@ -34,7 +34,7 @@ from compiler.frontend import models
 from compiler.memory import return_freed_memory
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.sources import resolve_source
-from compiler.passes import PassManager, make
+from compiler.passes import PassManager, make, plugin_ops
 from compiler.recipe import Recipe
 from compiler.runtime.config import GenerationDefaults, SessionConfig
 
@@ -66,11 +66,13 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration and any build work
     facts = ort_backend.ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size,
                                    _generation(ckpt), task)
-    model, pm = None, None
+    model, pm, plugin_records = None, None, []
     if lay is None:
         model = arch.build(cfg, ckpt, recipe.max_seq)
-        pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
+        pm = PassManager(make(recipe.passes) + plugin_ops.rewrite_passes(recipe.plugins)
+                         + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
         model = pm.run(model)
+        model, plugin_records = plugin_ops.bind(model, recipe.backend)
         pm.passes.clear()  # the quantiser holds the calibration statistics: drop them (records stay)
         return_freed_memory()  # calibration's buffers, before the backend's own peak
         if recipe.backend == "tensorrt":
@@ -81,7 +83,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     tmp.chmod(0o755)
     try:
         if lay is not None:
-            engine, flavour, pm, nodes = build_ranks.emit(recipe, arch, cfg, ckpt, facts, lay, tmp, progress, dump_ir)
+            engine, flavour, pm, nodes, plugin_records = build_ranks.emit(recipe, arch, cfg, ckpt, facts, lay, tmp, progress, dump_ir)
         elif recipe.backend == "tensorrt":
             engine = trt_backend.emit(model, facts, cfg.num_heads, tmp, recipe.tensorrt, max_batch=recipe.max_batch,
                                       max_seq=recipe.max_seq, progress=progress)
@@ -99,6 +101,8 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         manifest["task"], manifest["build_key"] = engine.task, build_key
         if lay is not None:
             manifest["parallel"] = build_ranks.manifest_section(engine, arch, cfg, ckpt, recipe.max_seq)
+        manifest["plugins"] = plugin_records
+        _log_plugins(plugin_records, tmp, progress)
         manifest["source"] = {"path": manifest["source"]["path"], "digest": digest, **manifest["source"]}
         card = tmp / "README.md"
         card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))
@@ -158,6 +162,18 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
         },
         "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
     }
+
+
+def _log_plugins(records: list[dict], tmp: Path, progress: bool) -> None:
+    """The plugin fallbacks, in the build log (TensorRT's build.log, appended) and on stderr."""
+    lines = [f"[WARNING] plugin {r['op']}: {r['nodes']} nodes run as its decomposition ({r['why']})" for r in records]
+    if not lines:
+        return
+    if (tmp / "build.log").is_file():
+        with open(tmp / "build.log", "a") as f:
+            f.write("\n".join(lines) + "\n")
+    if progress:
+        print("\n".join(lines), file=sys.stderr)
 
 
 def cuda_session_config(o, entries: dict) -> SessionConfig:

@@ -23,7 +23,7 @@ from compiler.backends.onnxruntime.legalise import legalise
 from compiler.backends.onnxruntime.partition import write_parts
 from compiler.errors import KilnError
 from compiler.frontend.sharding import Layout, plan
-from compiler.passes import PassManager, make
+from compiler.passes import PassManager, make, plugin_ops
 from compiler.passes.parallel.pipeline import PipelineStage
 from compiler.passes.parallel.tensor_parallel import TensorParallel
 from compiler.runtime.config import EngineConfig, KVCacheSpec, ParallelSpec, RankSpec, SessionConfig, TensorSpec
@@ -47,12 +47,15 @@ def layout(recipe, arch, cfg) -> Layout:
 
 
 def rank_model(recipe, arch, cfg, ckpt, lay: Layout, rank: int, dump_ir: Path | None):
-    """The rank's graph after the parallel passes and the recipe's passes, and the PassManager."""
+    """The rank's graph after the parallel passes, the recipe's passes and the plugin binding; the
+    PassManager; the plugin records (the same for every rank)."""
     stage, tp_rank = lay.coords(rank)
     model = arch.build(cfg, ckpt, recipe.max_seq)
     passes = [PipelineStage(stage, lay.stages, cfg.hidden_size), TensorParallel(getattr(arch, "SHARDS", ()), lay.tp, tp_rank)]
-    pm = PassManager(passes + make(recipe.passes), dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
-    return pm.run(model), pm
+    pm = PassManager(passes + make(recipe.passes) + plugin_ops.rewrite_passes(recipe.plugins),
+                     dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
+    model, records = plugin_ops.bind(pm.run(model), recipe.backend)
+    return model, pm, records
 
 
 def rank_spec(lay: Layout, rank: int, model_file: str, steps: list[dict], pm: PassManager) -> RankSpec:
@@ -69,12 +72,13 @@ def rank_config(cfg, lay: Layout):
 
 
 def emit_onnxruntime(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, progress: bool, dump_ir: Path | None):
-    """Every rank's files; returns (engine config, graph flavour, rank 0's PassManager, node count)."""
+    """Every rank's files; returns (engine config, graph flavour, rank 0's PassManager, node count,
+    plugin records)."""
     o = recipe.onnxruntime
-    ranks, first_pm, nodes = [], None, 0
+    ranks, first_pm, nodes, records = [], None, 0, []
     rcfg = rank_config(cfg, lay)
     for r in range(lay.world_size):
-        model, pm = rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir)
+        model, pm, records = rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir)
         first_pm, nodes = first_pm or pm, nodes or len(model.graph)
         if o.graph == "contrib":
             model = legalise(model, rcfg)
@@ -97,7 +101,7 @@ def emit_onnxruntime(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, pro
         parallel=ParallelSpec(lay.tp, lay.pp, [list(s) for s in lay.stages], cfg.hidden_size, ranks),
     )
     (tmp / "engine.json").write_text(engine.to_json())
-    return engine, f"{flavour} tp={lay.tp} pp={lay.pp}", first_pm, nodes
+    return engine, f"{flavour} tp={lay.tp} pp={lay.pp}", first_pm, nodes, records
 
 
 def single_rank_bytes(model: ir.Model) -> int:

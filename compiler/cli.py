@@ -84,6 +84,26 @@ def _embed(engine, args) -> int:
     return 0
 
 
+def _plugins(args) -> int:
+    from plugins import scaffold
+
+    if args.action == "new":
+        if not args.name:
+            raise ValueError("kiln plugins new needs a NAME, e.g. `kiln plugins new rope_cache`")
+        dest = scaffold.new(args.name, Path(args.root) if args.root else scaffold.ROOT)
+        print(f"wrote {dest}: its test fails until reference.py, decomposition.py and kernel.py are written")
+        return 0
+    rows = scaffold.rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:18s} {r['op']}  (rewrite pass: {r['rewrite']})")
+        for key in ("onnxruntime", "tensorrt", "kernel", "gpu"):
+            print(f"  {key:12s} {r[key]}")
+    return 0
+
+
 def _serve(args) -> int:
     try:
         import uvicorn
@@ -213,6 +233,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
 
+    pl = cmd("plugins", _plugins, "list the custom-op plugins, or scaffold a new one")
+    pl.add_argument("action", choices=["list", "new"])
+    pl.add_argument("name", nargs="?", help="new: the plugin's folder name (lower_case)")
+    pl.add_argument("--root", help=argparse.SUPPRESS)  # new: another plugins folder (tests)
+
     sv = cmd("serve", _serve, "an OpenAI-compatible HTTP server for an artifact")
     sv.add_argument("artifact")
     sv.add_argument("--host", default="127.0.0.1")
@@ -268,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
-        if args.command not in ("run", "inspect", "eval"):
+        if args.command not in ("run", "inspect", "eval", "plugins"):
             raise
         print(f"kiln: error: {e}", file=sys.stderr)
     except ImportError as e:

@@ -77,6 +77,7 @@ class Recipe(_Strict):
     quantization: QuantConfig | None = None
     quality: QualityLimits = QualityLimits()
     parallel: ParallelOptions = ParallelOptions()
+    plugins: list[str] = []  # custom-op plugins whose rewrite passes run after `passes` (kiln plugins list)
 
     @field_validator("passes")
     @classmethod

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from plugins._interpret import interpret_without_gpu
+
+interpret_without_gpu()
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):

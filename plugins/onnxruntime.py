@@ -14,7 +14,11 @@ from plugins.spec import DOMAIN
 
 
 def plugin_ops(model: ir.Model) -> list[str]:
-    return sorted({n.op_type for n in model.graph if n.domain == DOMAIN and (DOMAIN, n.op_type, "") in model.functions})
+    """Op types of the plugins in the graph (collectives are kiln ops too, but not plugins)."""
+    import plugins
+
+    known = {p.op_type for p in plugins.available().values()}
+    return sorted({n.op_type for n in model.graph if n.domain == DOMAIN and n.op_type in known})
 
 
 def decompose(model: ir.Model) -> ir.Model:

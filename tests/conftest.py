@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from plugins._interpret import interpret_without_gpu
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+interpret_without_gpu()  # plugin kernels: Triton's interpreter on CPU-only machines (before triton is imported)
 
 TINY_VOCAB = 384
 # architecture -> (transformers config class name, extra config fields)

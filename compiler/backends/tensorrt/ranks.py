@@ -21,9 +21,9 @@ def emit_ranks(recipe, arch, cfg, ckpt, facts, lay, tmp: Path, progress: bool, d
 
     rcfg = rank_config(cfg, lay)
     rfacts = dataclasses.replace(facts, num_kv_heads=rcfg.num_kv_heads)
-    ranks, first, first_pm, nodes = [], None, None, 0
+    ranks, first, first_pm, nodes, records = [], None, None, 0, []
     for r in range(lay.world_size):
-        model, pm = rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir)
+        model, pm, records = rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir)
         first_pm, nodes = first_pm or pm, nodes or len(model.graph)
         collectives = sum(1 for n in model.graph if n.domain == "kiln")
         engine = trt_backend.emit(model, rfacts, rcfg.num_heads, tmp, recipe.tensorrt, max_batch=recipe.max_batch,
@@ -36,4 +36,4 @@ def emit_ranks(recipe, arch, cfg, ckpt, facts, lay, tmp: Path, progress: bool, d
     engine = dataclasses.replace(first, model_file="rank0.engine",
                                  parallel=ParallelSpec(lay.tp, lay.pp, [list(s) for s in lay.stages], cfg.hidden_size, ranks))
     (tmp / "engine.json").write_text(engine.to_json())
-    return engine, f"tensorrt-network {recipe.tensorrt.precision} tp={lay.tp}", first_pm, nodes
+    return engine, f"tensorrt-network {recipe.tensorrt.precision} tp={lay.tp}", first_pm, nodes, records
