@@ -10,7 +10,7 @@ SMOLLM2_DIR := .cache/models/smollm2-135m
 RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model demo test bench bench-serve bench-gpu all publish clean $(RECIPES)
+.PHONY: setup model demo test bench bench-serve bench-gpu bench-plugins all publish clean $(RECIPES)
 
 setup: $(VENV)/.installed
 
@@ -65,6 +65,9 @@ bench: setup model
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
 	$(BIN)/python benchmarks/bench_parallel.py --out bench-results/bench-parallel.json
+
+bench-plugins: setup   ## plugin kernels vs torch eager and the bandwidth bound (needs an NVIDIA GPU)
+	$(BIN)/python benchmarks/bench_plugins.py --out bench-results/bench-plugins.json
 
 bench-gpu: setup model   ## ONNX Runtime CUDA engines vs transformers on a GPU (needs kiln[cuda]); see docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_gpu.py --out bench-results/bench-gpu.json
