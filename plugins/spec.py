@@ -57,6 +57,7 @@ class Plugin:
     kernel: Callable[..., tuple] | None = None  # Triton: torch tensors in -> torch tensors out
     rewrite: Callable[[], object] | None = None  # a Pass that introduces the op into kiln graphs
     bandwidth_bound: bool = True  # the GPU table compares against bytes moved
+    engine_io: bool = False  # the rewrite adds engine inputs/outputs that the runtime must drive
     tested: dict = field(default_factory=dict)  # how each binding is tested, for `kiln plugins list`
 
     def attributes(self, given: dict | None = None) -> dict:

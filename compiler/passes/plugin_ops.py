@@ -25,7 +25,8 @@ BINDINGS = {
 }
 
 
-def rewrite_passes(names: list[str]) -> list:
+def rewrite_passes(names: list[str], recipe=None) -> list:
+    """The plugins' rewrite passes, after checking each can serve this recipe."""
     import plugins
 
     out = []
@@ -37,8 +38,15 @@ def rewrite_passes(names: list[str]) -> list:
         if p.rewrite is None:
             raise KilnError(f"plugin {name} has no rewrite pass: kiln cannot place it in a graph yet",
                             f"remove {name} from plugins: in the recipe")
+        if p.engine_io and recipe is not None and not _drives_engine_io(recipe):
+            raise KilnError(f"plugin {name} changes the engine's inputs and outputs, which only the single-rank ONNX Runtime "
+                            "CPU runtime drives so far", f"remove {name} from plugins:, or build for onnxruntime on cpu, tp=pp=1")
         out.append(p.rewrite())
     return out
+
+
+def _drives_engine_io(recipe) -> bool:
+    return recipe.backend == "onnxruntime" and recipe.onnxruntime.device == "cpu" and recipe.parallel.world_size == 1
 
 
 def bind(model: ir.Model, backend: str) -> tuple[ir.Model, list[dict]]:

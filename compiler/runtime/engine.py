@@ -100,6 +100,13 @@ class Engine:
         self.last_generation = gens[0]
 
     # -- the loop -------------------------------------------------------------------------
+    def _picker(self, io, params: SamplingParams, rng: np.random.Generator, B: int):
+        """(ids, positions[, logits_positions]) -> next token per row [B]: sampled inside an engine
+        that ends in kiln::Sample (only token ids leave it), else on the host from the logits."""
+        if getattr(self.session, "samples", False):
+            return lambda ids, pos, at=None: self.session.step(io, ids, pos, at, _sampling_inputs(params, rng, B)).copy()
+        return lambda ids, pos, at=None: sample(self.session.step(io, ids, pos, at)[:, -1], params, rng)
+
     def run_rows(self, prompts: list[Prompt], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str | None]]:
         """(row, text piece) as text becomes final; (row, None) once a row is complete."""
         ids = [self.text.prompt_ids(p, cfg.chat) for p in prompts]
@@ -122,15 +129,15 @@ class Engine:
         io = self.session.binding(cache)
         pad = self.config.generation.pad_token_id
         input_ids = np.array([x + [pad] * (S - len(x)) for x in ids], dtype=np.int64)  # [B, S]
+        next_tokens = self._picker(io, params, rng, B)
         t0 = time.perf_counter()
-        last = self.session.step(io, input_ids, np.broadcast_to(np.arange(S), (B, S)), (lens - 1)[:, None])[:, 0]  # [B, V]
+        nxt = next_tokens(input_ids, np.broadcast_to(np.arange(S), (B, S)), (lens - 1)[:, None])  # [B]
         timing.prefill_ms = (time.perf_counter() - t0) * 1e3
 
         active = np.ones(B, dtype=bool)
         pos = lens.copy()  # where each row's next token goes
         t1 = time.perf_counter()
         for step in range(max_new):
-            nxt = sample(last, params, rng)
             for b in np.flatnonzero(active):
                 tok = int(nxt[b])
                 if tok not in stops:
@@ -144,12 +151,20 @@ class Engine:
             if not active.any() or step == max_new - 1:
                 break
             feed = np.where(active, nxt, pad)[:, None]
-            last = self.session.step(io, feed, np.minimum(pos, M - 1)[:, None])[:, -1]
+            nxt = next_tokens(feed, np.minimum(pos, M - 1)[:, None])
             pos += active
             timing.decode_steps += 1
         timing.decode_s = time.perf_counter() - t1
         for b in np.flatnonzero(active):  # rows that ran to the length limit
             yield from _close(streams[b], b)
+
+
+def _sampling_inputs(params: SamplingParams, rng: np.random.Generator, B: int) -> dict:
+    """kiln::Sample's inputs for one step: the same settings per row, and one uniform draw per
+    row taken from rng exactly as the host sampler takes it (none when greedy)."""
+    draws = np.zeros(B, np.float32) if params.greedy else rng.random(B).astype(np.float32)
+    return {"temperature": np.full(B, params.temperature, np.float32), "top_k": np.full(B, params.top_k, np.int64),
+            "top_p": np.full(B, params.top_p, np.float32), "draws": draws}
 
 
 def _close(stream: TextStream, b: int) -> Iterator[tuple[int, str | None]]:

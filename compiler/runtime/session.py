@@ -71,6 +71,8 @@ class DecoderSession:
         self.threads = so.intra_op_num_threads
         provider = (cfg.session.execution_provider, dict(cfg.session.provider_options))
         self.session = ort.InferenceSession(str(engine_dir / cfg.model_file), so, providers=[provider])
+        names = {i.name for i in self.session.get_inputs()}
+        self.samples = all(n in names for n in SAMPLING_INPUTS)  # the engine ends in kiln::Sample (plugins/sample)
 
     def new_cache(self, batch: int) -> KVCache:
         kv = self.cfg.kv_cache
@@ -81,50 +83,82 @@ class DecoderSession:
 
     def binding(self, cache: KVCache) -> "Binding":
         kv, io = self.cfg.kv_cache, self.session.io_binding()
+        caches = []
         for i in range(kv.num_layers):
             for pattern_in, pattern_out, buf in ((kv.key_input, kv.key_output, cache.keys[i]),
                                                  (kv.value_input, kv.value_output, cache.values[i])):
                 io.bind_ortvalue_input(pattern_in.format(i=i), buf)
                 io.bind_ortvalue_output(pattern_out.format(i=i), buf)
-        return Binding(io)
+                caches.append((pattern_out.format(i=i), buf))
+        return Binding(io, caches)
 
     def step(self, binding: "Binding", input_ids: np.ndarray, position_ids: np.ndarray,
-             logits_positions: np.ndarray | None = None) -> np.ndarray:
+             logits_positions: np.ndarray | None = None, sampling: dict | None = None) -> np.ndarray:
         """Run input_ids/position_ids [B, S] int64 through the engine; returns logits [B, K, V]
         at logits_positions [B, K] (indices into S; default: the last column). The returned
-        array is the bound output buffer: valid until the next step."""
+        array is the bound output buffer: valid until the next step.
+        sampling (engines that sample, see `samples`): temperature, top_k, top_p, draws [B];
+        the step then returns next_tokens [B] int64 and no logits leave the engine."""
         B, S = input_ids.shape
         if logits_positions is None:
             logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
         binding.set_input("input_ids", input_ids)
         binding.set_input("position_ids", position_ids)
         binding.set_input("logits_positions", logits_positions)
-        logits = binding.logits_buffer((B, logits_positions.shape[1], self.cfg.vocab_size))
+        if self.samples:
+            for name, value in (sampling or greedy_sampling(B)).items():
+                binding.set_input(name, value, SAMPLING_INPUTS[name])
+        out = binding.tokens_buffer(B) if sampling is not None else binding.logits_buffer(
+            (B, logits_positions.shape[1], self.cfg.vocab_size))
         self.session.run_with_iobinding(binding.io)
-        return logits
+        return out
+
+
+SAMPLING_INPUTS = {"temperature": np.float32, "top_k": np.int64, "top_p": np.float32, "draws": np.float32}
+
+
+def greedy_sampling(batch: int) -> dict:
+    """Sampling inputs that make kiln::Sample greedy (fed when only logits are wanted)."""
+    return {"temperature": np.zeros(batch, np.float32), "top_k": np.zeros(batch, np.int64),
+            "top_p": np.ones(batch, np.float32), "draws": np.zeros(batch, np.float32)}
 
 
 class Binding:
-    """An IO binding with the caches bound in place and a reusable logits buffer per shape."""
+    """An IO binding with the caches bound in place and a reusable output buffer per shape: the
+    logits, or the next tokens of an engine that samples."""
 
-    def __init__(self, io: ort.IOBinding):
+    def __init__(self, io: ort.IOBinding, caches: list | None = None):
         self.io = io
-        self._shape: tuple[int, ...] | None = None
-        self._logits: np.ndarray | None = None
+        self.caches = caches or []  # (present output name, buffer): rebound if the outputs are cleared
+        self._out: tuple[str, tuple[int, ...]] | None = None
+        self._buffer: np.ndarray | None = None
         self._inputs: dict[str, np.ndarray] = {}
 
-    def set_input(self, name: str, value: np.ndarray) -> None:
-        """int64 input: rebound when its shape changes, else written into the bound buffer."""
+    def set_input(self, name: str, value: np.ndarray, dtype=np.int64) -> None:
+        """An input: rebound when its shape changes, else written into the bound buffer."""
         buf = self._inputs.get(name)
         if buf is None or buf.shape != value.shape:
-            buf = self._inputs[name] = np.array(value, dtype=np.int64)  # owned: the OrtValue wraps it
+            buf = self._inputs[name] = np.array(value, dtype=dtype)  # owned: the OrtValue wraps it
             self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
         else:
             buf[...] = value
 
     def logits_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        if shape != self._shape:  # decode steps keep one shape: bound once, written in place
-            self._logits = np.empty(shape, dtype=np.float32)
-            self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
-            self._shape = shape
-        return self._logits
+        return self._output("logits", shape, np.float32)
+
+    def tokens_buffer(self, batch: int) -> np.ndarray:
+        return self._output("next_tokens", (batch,), np.int64)
+
+    def _output(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        if (name, shape) != self._out:  # decode steps keep one shape: bound once, written in place
+            if self._out is not None and self._out[0] != name:  # switching outputs: drop the other binding
+                self.io.clear_binding_outputs()
+                self._rebind_caches()
+            self._buffer = np.empty(shape, dtype=dtype)
+            self.io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(self._buffer))
+            self._out = (name, shape)
+        return self._buffer
+
+    def _rebind_caches(self) -> None:
+        for name, buf in self.caches:
+            self.io.bind_ortvalue_output(name, buf)

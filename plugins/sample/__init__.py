@@ -16,8 +16,14 @@ def _kernel(*args, **kw):
     return kernel(*args, **kw)
 
 
+def _rewrite():
+    from plugins.sample.rewrite import FuseSample
+
+    return FuseSample()
+
+
 PLUGIN = Plugin(
     name="sample", op_type=schema.OP_TYPE, doc=__doc__.strip(), inputs=schema.INPUTS, outputs=schema.OUTPUTS,
     attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition, kernel=_kernel,
-    bandwidth_bound=False,
+    rewrite=_rewrite, bandwidth_bound=False, engine_io=True,
 )

@@ -35,11 +35,37 @@ def test_tensorrt_build_log_records_the_fallback(tiny_checkpoints, tmp_path):
     assert "[WARNING] plugin kiln::RmsNormResidual: 3 nodes run as its decomposition (TensorRT-RTX's network API" in log
 
 
-@pytest.mark.parametrize("name,message", [("nope", "unknown plugin 'nope'"), ("sample", "plugin sample has no rewrite pass")])
-def test_unusable_plugins_are_refused(tiny_checkpoints, tmp_path, name, message):
+@pytest.mark.parametrize("name,fields,message", [
+    ("nope", {}, "unknown plugin 'nope'"),
+    ("sample", {"parallel": {"tp": 2}}, "plugin sample changes the engine's inputs and outputs"),
+])
+def test_unusable_plugins_are_refused(tiny_checkpoints, tmp_path, name, fields, message):
     with pytest.raises(KilnError, match=message):
-        build_artifact(tiny_checkpoints["llama"], tmp_path, "x", plugins=[name])
+        build_artifact(tiny_checkpoints["llama"], tmp_path, "x", plugins=[name], **fields)
     assert not (tmp_path / "x").exists()
+
+
+def test_engine_that_samples_returns_token_ids(tiny_checkpoints, tmp_path):
+    """plugins: [sample]: each step returns next_tokens [B] (logits stay available to evaluation);
+    greedy and seeded sampling give the host sampler's tokens."""
+    src = tiny_checkpoints["llama"]
+    plain = load(build_artifact(src, tmp_path, "plain"))
+    art = build_artifact(src, tmp_path, "sampling", plugins=["sample"])
+    engine = json.loads((art / "engine.json").read_text())
+    assert {"logits", "next_tokens"} <= {t["name"] for t in engine["outputs"]}
+    assert {"temperature", "top_k", "top_p", "draws"} <= {t["name"] for t in engine["inputs"]}
+    fused = load(art)
+    assert fused.session.samples and not plain.session.samples
+    prompts = ["The tiny model says", "Once upon a time"]
+    for kw in ({}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}, {"temperature": 1.2, "seed": 11}):
+        got = [g.token_ids for g in fused.generate(prompts, max_new_tokens=12, stop_token_ids=(), **kw)]
+        want = [g.token_ids for g in plain.generate(prompts, max_new_tokens=12, stop_token_ids=(), **kw)]
+        assert got == want, kw
+    s = fused.session  # without sampling inputs a step still returns the logits
+    ids = np.array([[5, 6, 7]])
+    a = s.step(s.binding(s.new_cache(1)), ids, np.arange(3)[None]).copy()
+    b = plain.session.step(plain.session.binding(plain.session.new_cache(1)), ids, np.arange(3)[None])
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_plugins_with_tensor_parallel_ranks(tiny_checkpoints, tmp_path):
