@@ -24,7 +24,7 @@ import numpy as np
 
 # per plugin: output j = (input index whose dims it takes, axes kept or None for all) and its dtype
 # ("same" as input 0, or a numpy dtype name)
-TRT_SHAPES = {"RmsNormResidual": [(0, None), (0, None)], "Sample": [(0, (0,))]}
+TRT_SHAPES = {"RmsNormResidual": [(0, None), (0, None)], "Sample": [(0, (0,))], "KvAttention": [(0, None)]}
 TRT_DTYPES = {"RmsNormResidual": ["same", "same"], "Sample": ["int64"]}
 
 
@@ -193,7 +193,10 @@ def _child(args: dict) -> dict:
     plan = builder.build_serialized_network(net, config)
     if plan is not None:
         Path(args["out"]).write_bytes(memoryview(plan))
+    consumed = {layer.get_input(i).name for layer in layers for i in range(layer.num_inputs)
+                if layer.get_input(i) is not None and layer.get_input(i).is_network_input}
     return {"ok": plan is not None, "layers": [str(layer.type).split(".")[-1] for layer in layers],
+            "inputs_used": sorted(consumed),
             "plugin_layers": [layer.name for layer in layers if "PLUGIN" in str(layer.type)],
             "errors": [line for line in log.lines if line.startswith(("[ERROR]", "[INTERNAL_ERROR]"))][-5:],
             "bytes": plan.nbytes if plan is not None else 0}
