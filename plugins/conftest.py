@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from plugins._interpret import interpret_without_gpu
+from plugins._interpret import interpret_without_gpu, skip_gpu_tests
 
 interpret_without_gpu()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu_tests(items)
 
 
 @pytest.fixture(scope="session")

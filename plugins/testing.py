@@ -39,3 +39,26 @@ def assert_close(got: np.ndarray, want: np.ndarray, rel: float) -> None:
     g, w = got.astype(np.float64), want.astype(np.float64)
     err = np.abs(g - w).max() / max(np.abs(w).max(), 1e-30)
     assert err <= rel, f"max relative error {err:.3g} > {rel}"
+
+
+def gpu_inputs(plugin) -> tuple[list[np.ndarray], dict, float]:
+    """Decode-shaped inputs for a plugin's GPU check: (arrays, attrs, tolerance)."""
+    rng = np.random.default_rng(0)
+    if plugin.op_type == "RmsNormResidual":
+        x, r = (rng.standard_normal((8, 4096)).astype(np.float16) for _ in range(2))
+        return [x, r, rng.uniform(0.5, 1.5, 4096).astype(np.float16)], {"epsilon": 1e-5}, 1e-2
+    if plugin.op_type == "Sample":
+        B, V = 8, 49152
+        return [(rng.standard_normal((B, V)) * 3).astype(np.float32), np.full(B, 0.8, np.float32), np.full(B, 50, np.int64),
+                np.full(B, 0.9, np.float32), rng.uniform(0, 1, B).astype(np.float32)], {}, 0.0
+    B, NQ, NKV, M, D = 4, 32, 8, 1024, 128
+    pos = np.array([[100], [500], [1000], [1023]], dtype=np.int64)
+    return [rng.standard_normal((B, NQ, 1, D)).astype(np.float16), rng.standard_normal((B, NKV, M, D)).astype(np.float16),
+            rng.standard_normal((B, NKV, M, D)).astype(np.float16), pos, pos[:, 0] + 1], {"window": 256}, 1e-2
+
+
+def gpu_check(plugin) -> None:
+    arrays, attrs, tol = gpu_inputs(plugin)
+    want = plugin.reference(*arrays, **plugin.attributes(attrs))
+    for got, ref in zip(run_kernel(plugin, arrays, attrs), want):
+        assert_close(got, ref, tol)

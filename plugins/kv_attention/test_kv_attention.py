@@ -10,7 +10,7 @@ import pytest
 from onnx import helper
 
 import plugins
-from plugins.testing import assert_close, run_decomposition, run_kernel
+from plugins.testing import assert_close, run_decomposition, run_kernel, gpu_check as _gpu_check
 
 PLUGIN = plugins.get("kv_attention")
 T = onnx.TensorProto
@@ -69,3 +69,9 @@ def test_lengths_reach_tensorrt_only_through_the_plugin(tmp_path):
     native = build_engine(standard, tmp_path / "standard.engine", [])
     assert native["ok"] and "ATTENTION_INPUT" in native["layers"]
     assert "lengths" not in native["inputs_used"]  # the parser dropped the per-sequence lengths
+
+
+@pytest.mark.gpu
+def test_kernel_on_a_gpu_matches_reference():
+    """The same comparison on a real GPU (skipped without one): fp16 inputs at a decode shape."""
+    _gpu_check(PLUGIN)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import plugins
-from plugins.testing import assert_close, run_decomposition, run_kernel
+from plugins.testing import assert_close, run_decomposition, run_kernel, gpu_check as _gpu_check
 
 PLUGIN = plugins.get("rmsnorm_residual")
 F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -77,3 +77,9 @@ def test_rewrite_fuses_every_residual_norm_of_a_decoder(tiny_model):
     assert ("kiln", "RmsNormResidual", "") in model.functions
     plain = decompose(model)
     assert not [n for n in plain.graph if n.domain == "kiln"] and not plain.functions
+
+
+@pytest.mark.gpu
+def test_kernel_on_a_gpu_matches_reference():
+    """The same comparison on a real GPU (skipped without one): fp16 inputs at a decode shape."""
+    _gpu_check(PLUGIN)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import plugins
-from plugins.testing import run_decomposition, run_kernel
+from plugins.testing import run_decomposition, run_kernel, gpu_check as _gpu_check
 
 PLUGIN = plugins.get("sample")
 
@@ -70,3 +70,9 @@ def test_tensorrt_engine_builds_around_the_plugin(tmp_path):
     record = build_engine(model, tmp_path / "op.engine", [PLUGIN.name])
     assert record["ok"], record["errors"]
     assert record["plugin_layers"] == ["Sample"]
+
+
+@pytest.mark.gpu
+def test_kernel_on_a_gpu_matches_reference():
+    """The same comparison on a real GPU (skipped without one): fp16 inputs at a decode shape."""
+    _gpu_check(PLUGIN)
