@@ -24,8 +24,8 @@ import numpy as np
 
 # per plugin: output j = (input index whose dims it takes, axes kept or None for all) and its dtype
 # ("same" as input 0, or a numpy dtype name)
-TRT_SHAPES = {"RmsNormResidual": [(0, None), (0, None)], "Sample": [(0, (0,))], "KvAttention": [(0, None)]}
-TRT_DTYPES = {"RmsNormResidual": ["same", "same"], "Sample": ["int64"]}
+TRT_SHAPES = {"RmsNormResidual": [(0, None), (0, None)], "Sample": [(0, (0,))], "KvAttention": [(0, None)], "RmsNormResidualInt8": [(0, None), (0, None)]}
+TRT_DTYPES = {"RmsNormResidual": ["same", "same"], "RmsNormResidualInt8": ["int8", "same"], "Sample": ["int64"]}
 
 
 def _plugin_class(trt, plugin):
