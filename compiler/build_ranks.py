@@ -16,13 +16,12 @@ import dataclasses
 import gc
 from pathlib import Path
 
-import onnx_ir as ir
-
 from compiler.backends.onnxruntime import backend as ort_backend
 from compiler.backends.onnxruntime.legalise import legalise
 from compiler.backends.onnxruntime.partition import write_parts
 from compiler.errors import KilnError
 from compiler.frontend.sharding import Layout, plan
+from compiler.ir.builder import initializer_bytes
 from compiler.passes import PassManager, make, plugin_ops
 from compiler.passes.parallel.pipeline import PipelineStage
 from compiler.passes.parallel.tensor_parallel import TensorParallel
@@ -104,10 +103,6 @@ def emit_onnxruntime(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, pro
     return engine, f"{flavour} tp={lay.tp} pp={lay.pp}", first_pm, nodes, records
 
 
-def single_rank_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
 def emit(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, progress: bool, dump_ir: Path | None):
     if recipe.backend == "tensorrt":
         from compiler.backends.tensorrt.ranks import emit_ranks
@@ -120,7 +115,7 @@ def manifest_section(engine: EngineConfig, arch, cfg, ckpt, max_seq: int) -> dic
     """kiln.json's `parallel`: the layout, each rank's place and weight bytes, and what is
     replicated beyond total / world_size (embeddings, norms, lm_head, routed experts)."""
     p = engine.parallel
-    total = single_rank_bytes(arch.build(cfg, ckpt, max_seq))  # lazy: no weight is read
+    total = initializer_bytes(arch.build(cfg, ckpt, max_seq).graph)  # lazy: no weight is read
     return {
         "world_size": p.world_size, "tp": p.tp, "pp": p.pp, "stages": p.stages,
         "weight_bytes_single_rank": total,

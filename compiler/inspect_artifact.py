@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from compiler.errors import KilnError
+from compiler.ir.builder import initializer_bytes
 
 
 def inspect_artifact(path: Path) -> dict:
@@ -27,7 +28,7 @@ def inspect_artifact(path: Path) -> dict:
     model = ir.load(path / engine["model_file"])
     ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
     weights = {v.const_value.dtype.name for v in model.graph.initializers.values() if v.const_value is not None}
-    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    weight_bytes = initializer_bytes(model.graph)
     summary = {"nodes": sum(ops.values()), "ops": dict(ops.most_common()), "initializers": len(model.graph.initializers),
                "weight_bytes": weight_bytes, "weight_dtypes": sorted(weights)}
     return {"manifest": manifest, "graph": summary, "text": _text(manifest, engine, summary)}

@@ -29,6 +29,11 @@ def ir_dtype(np_dtype) -> ir.DataType:
     return _NP_TO_IR[np.dtype(np_dtype)]
 
 
+def initializer_bytes(graph: ir.Graph) -> int:
+    """Bytes of the graph's initializers (lazy weights are sized, not read)."""
+    return sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+
+
 class GraphBuilder:
     """Appends nodes to one graph; `scope()` nests the hierarchical name prefix."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from compiler.ir.builder import initializer_bytes
 from compiler.runtime.config import EngineConfig, GenerationDefaults, KVCacheSpec, SessionConfig, TensorSpec
 
 MODEL_FILE = "model.onnx"
@@ -70,7 +71,7 @@ def save(model: ir.Model, path: Path, data_file: str, progress: bool) -> None:
     """Write the graph to path and its weights to data_file beside it, one tensor at a time."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    lazy_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    lazy_bytes = initializer_bytes(model.graph)
     columns = (TextColumn("writing weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("weights", total=lazy_bytes)

@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.frontend.sharding import ShardSpec
+from compiler.ir.builder import initializer_bytes
 from compiler.passes.base import PassResult
 
 DOMAIN = "kiln"
@@ -88,8 +89,7 @@ class TensorParallel:
 
     def run(self, model: ir.Model) -> PassResult:
         g, tp = model.graph, self.tp
-        total = sum(v.const_value.nbytes for v in g.initializers.values() if v.const_value is not None)
-        self.replicated_bytes = total
+        self.replicated_bytes = initializer_bytes(g)
         if tp == 1:
             return PassResult(model, False)
         for node in g:  # whole heads per rank, checked before anything is touched
@@ -120,8 +120,7 @@ class TensorParallel:
                 v.shape = ir.Shape([v.shape[0], v.shape[1] // tp, *v.shape[2:]])
         model.graph.opset_imports.setdefault(DOMAIN, 1)
         _declare_all_reduce(model)
-        self.replicated_bytes = sum(v.const_value.nbytes for v in g.initializers.values()
-                                    if v.const_value is not None) - self.sharded_bytes
+        self.replicated_bytes = initializer_bytes(g) - self.sharded_bytes
         note = (f"rank {self.rank}/{tp}: {counts['column']} column- and {counts['row']} row-parallel projections, "
                 f"{self.sharded_bytes / 1e6:.1f} MB sharded, {self.replicated_bytes / 1e6:.1f} MB replicated")
         return PassResult(model, True, [note])
