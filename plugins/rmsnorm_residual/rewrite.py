@@ -5,6 +5,8 @@ Pattern:      sum = Add(a, b);  y = RMSNormalization(sum, weight)   (sum may hav
 Replacement:  y, sum = kiln::RmsNormResidual(a, b, weight, epsilon)
 Check:        refuses (and says why) a norm not over the last axis, a non-constant or non-vector
               weight, and an Add whose inputs differ in shape (a broadcast).
+The pattern and its check are the ones ONNX Runtime's SkipSimplifiedLayerNormalization
+legalisation uses (compiler/backends/onnxruntime/skip_norm.py): one definition serves both.
 The op's decomposition is attached to the model as a local function, so the graph stays a valid
 ONNX model that ONNX's shape inference and any backend without the kernel can read.
 """
@@ -13,27 +15,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from compiler.backends.onnxruntime.skip_norm import check, match
 from compiler.passes.base import PassResult
 from plugins.spec import DOMAIN
-
-
-def match(norm: ir.Node) -> ir.Node | None:
-    if norm.op_type != "RMSNormalization" or norm.domain:
-        return None
-    add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
-    return add if add is not None and add.op_type == "Add" and not add.domain else None
-
-
-def check(norm: ir.Node, add: ir.Node) -> str | None:
-    if norm.attributes.get_int("axis", -1) != -1:
-        return "the norm is not over the last axis"
-    w = norm.inputs[1]
-    if w is None or w.const_value is None or len(w.shape) != 1:
-        return "the norm's weight is not a constant vector"
-    a, b = add.inputs
-    if a.shape is None or b.shape is None or a.shape != b.shape:
-        return "the Add broadcasts or its shapes are unknown (run shape_inference first)"
-    return None
 
 
 def replace(graph: ir.Graph, norm: ir.Node, add: ir.Node) -> None:
