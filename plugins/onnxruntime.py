@@ -21,11 +21,13 @@ def plugin_ops(model: ir.Model) -> list[str]:
     return sorted({n.op_type for n in model.graph if n.domain == DOMAIN and n.op_type in known})
 
 
-def decompose(model: ir.Model) -> ir.Model:
-    """Inline every plugin op that has a decomposition function; other kiln ops (collectives) stay."""
-    if not plugin_ops(model):
+def decompose(model: ir.Model, ops: list[str] | None = None) -> ir.Model:
+    """Inline the plugin ops (ops: their types, default all in the graph) into their decompositions;
+    every other model-local function (the collectives, which are cut, not inlined) stays."""
+    ops = plugin_ops(model) if ops is None else ops
+    if not ops:
         return model
-    keep = {k: f for k, f in model.functions.items() if k[1] == "AllReduce"}  # collectives are cut, not inlined
+    keep = {k: f for k, f in model.functions.items() if not (k[0] == DOMAIN and k[1] in ops)}
     for k in keep:
         del model.functions[k]
     InlinePass()(model)

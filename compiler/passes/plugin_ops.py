@@ -11,6 +11,7 @@ end, and a backend that gains a binding changes one entry of BINDINGS.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import onnx_ir as ir
 
@@ -53,13 +54,12 @@ def bind(model: ir.Model, backend: str) -> tuple[ir.Model, list[dict]]:
     """Bind or decompose every plugin op; returns the model and one record per plugin op type."""
     from plugins.onnxruntime import decompose, plugin_ops
 
-    counts: dict[str, int] = {}
-    for op in plugin_ops(model):
-        counts[op] = sum(1 for n in model.graph if n.domain == "kiln" and n.op_type == op)
-    if not counts:
+    ops = plugin_ops(model)
+    if not ops:
         return model, []
+    counts = Counter(n.op_type for n in model.graph if n.domain == "kiln" and n.op_type in ops)
     why = BINDINGS.get(backend, f"{backend} binds no plugins")
     records = [{"op": f"kiln::{op}", "nodes": k, "bound": "decomposition", "why": why} for op, k in sorted(counts.items())]
     for r in records:
         log.warning("plugin %s: %d nodes fall back to the decomposition (%s)", r["op"], r["nodes"], why)
-    return decompose(model), records
+    return decompose(model, ops), records
