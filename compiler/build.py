@@ -69,7 +69,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     model, pm, plugin_records = None, None, []
     if lay is None:
         model = arch.build(cfg, ckpt, recipe.max_seq)
-        pm = PassManager(make(recipe.passes) + plugin_ops.rewrite_passes(recipe.plugins, recipe)
+        pm = PassManager(make(recipe.passes) + plugin_ops.rewrite_passes(recipe)
                          + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
         model = pm.run(model)
         model, plugin_records = plugin_ops.bind(model, recipe.backend)

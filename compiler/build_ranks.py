@@ -51,7 +51,7 @@ def rank_model(recipe, arch, cfg, ckpt, lay: Layout, rank: int, dump_ir: Path | 
     stage, tp_rank = lay.coords(rank)
     model = arch.build(cfg, ckpt, recipe.max_seq)
     passes = [PipelineStage(stage, lay.stages, cfg.hidden_size), TensorParallel(getattr(arch, "SHARDS", ()), lay.tp, tp_rank)]
-    pm = PassManager(passes + make(recipe.passes) + plugin_ops.rewrite_passes(recipe.plugins, recipe),
+    pm = PassManager(passes + make(recipe.passes) + plugin_ops.rewrite_passes(recipe),
                      dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
     model, records = plugin_ops.bind(pm.run(model), recipe.backend)
     return model, pm, records

@@ -26,12 +26,12 @@ BINDINGS = {
 }
 
 
-def rewrite_passes(names: list[str], recipe=None) -> list:
-    """The plugins' rewrite passes, after checking each can serve this recipe."""
+def rewrite_passes(recipe) -> list:
+    """The rewrite passes of the recipe's plugins, after checking each can serve this recipe."""
     import plugins
 
     out = []
-    for name in names:
+    for name in recipe.plugins:
         try:
             p = plugins.get(name)
         except KeyError as e:
@@ -39,7 +39,7 @@ def rewrite_passes(names: list[str], recipe=None) -> list:
         if p.rewrite is None:
             raise KilnError(f"plugin {name} has no rewrite pass: kiln cannot place it in a graph yet",
                             f"remove {name} from plugins: in the recipe")
-        if p.engine_io and recipe is not None and not _drives_engine_io(recipe):
+        if p.engine_io and not _drives_engine_io(recipe):
             raise KilnError(f"plugin {name} changes the engine's inputs and outputs, which only the single-rank ONNX Runtime "
                             "CPU runtime drives so far", f"remove {name} from plugins:, or build for onnxruntime on cpu, tp=pp=1")
         out.append(p.rewrite())

@@ -66,6 +66,7 @@ def write_parts(rank_model: Path, prefix: str) -> list[dict]:
     g.value_info.extend(v for v in typed.graph.value_info if v.name not in known)
     infos = {v.name: v for v in [*g.input, *g.output, *g.value_info]}
     inits = {t.name: t for t in g.initializer}
+    opsets = [o for o in model.opset_import if o.domain != DOMAIN]
     records, k = [], 0
     for s in steps(g):
         if not isinstance(s, Part):
@@ -82,7 +83,6 @@ def write_parts(rank_model: Path, prefix: str) -> list[dict]:
         part = onnx.helper.make_graph(
             s.nodes, f"{g.name}_part{k}", [_info(infos, x) for x in s.inputs], [_info(infos, x) for x in s.outputs],
             initializer=[inits[x] for x in inits if x in used])
-        opsets = [o for o in model.opset_import if o.domain != DOMAIN]
         pm = onnx.helper.make_model(part, opset_imports=opsets, ir_version=model.ir_version, producer_name="kiln")
         name = f"{prefix}.part{k}.onnx"
         onnx.save(pm, str(rank_model.parent / name))
