@@ -50,7 +50,7 @@ def rmsnorm_cases(dtype):
             return torch.nn.functional.rms_norm(s, (H,), w, 1e-5), s
 
         moved = (4 * rows * H + H) * x.element_size()  # read x, r, w; write y, sum
-        yield f"rmsnorm_residual {rows}x{H} {dtype}", (lambda: p.kernel(x, r, w, epsilon=1e-5)), eager, moved
+        yield f"rmsnorm_residual {rows}x{H} {dtype}", (lambda: p.run_kernel(x, r, w, epsilon=1e-5)), eager, moved
 
 
 def sample_cases():
@@ -70,7 +70,7 @@ def sample_cases():
             pr = torch.softmax(s, -1)
             return order, torch.cumsum(pr, -1)
 
-        yield f"sample {B}x{V}", (lambda: p.kernel(logits, t, k, tp, u)), eager, B * V * 4
+        yield f"sample {B}x{V}", (lambda: p.run_kernel(logits, t, k, tp, u)), eager, B * V * 4
 
 
 def main() -> int:

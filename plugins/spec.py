@@ -15,6 +15,7 @@ TensorRT-RTX's Python API, so there the op falls back to its decomposition, with
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -54,11 +55,18 @@ class Plugin:
     infer: Callable[[list, list, dict], list[tuple]]
     reference: Callable[..., tuple[np.ndarray, ...]]
     decomposition: Callable[[], list[onnx.NodeProto]]  # nodes over the op's input/output names (attrs by ref_attr)
-    kernel: Callable[..., tuple] | None = None  # Triton: torch tensors in -> torch tensors out
-    rewrite: Callable[[], object] | None = None  # a Pass that introduces the op into kiln graphs
+    # "module:name" references, imported on first use (triton and the compiler's passes are heavy):
+    kernel: str | None = None  # the Triton launcher: torch tensors in -> torch tensors out
+    rewrite: str | None = None  # the Pass class that introduces the op into kiln graphs
     bandwidth_bound: bool = True  # the GPU table compares against bytes moved
     engine_io: bool = False  # the rewrite adds engine inputs/outputs that the runtime must drive
     tested: dict = field(default_factory=dict)  # how each binding is tested, for `kiln plugins list`
+
+    def run_kernel(self, *tensors, **attrs) -> tuple:
+        return _resolve(self.kernel)(*tensors, **attrs)
+
+    def make_rewrite(self):
+        return _resolve(self.rewrite)()
 
     def attributes(self, given: dict | None = None) -> dict:
         """The op's attributes with defaults filled in; an unknown one is refused by name."""
@@ -90,6 +98,11 @@ class Plugin:
                                   self.name, ins, outs)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
                                  functions=[self.function()] if with_function else [], ir_version=10)
+
+
+def _resolve(ref: str):
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def ref_attr(name: str, kind: str) -> onnx.AttributeProto:

@@ -111,7 +111,7 @@ def _enqueue(plugin, attrs, input_desc, output_desc, inputs, outputs, stream):  
         return torch.as_tensor(type("Dev", (), {"__cuda_array_interface__": iface})(), device="cuda")
 
     with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
-        results = plugin.kernel(*[tensor(p, d) for p, d in zip(inputs, input_desc)], **attrs)
+        results = plugin.run_kernel(*[tensor(p, d) for p, d in zip(inputs, input_desc)], **attrs)
         for out, res in zip([tensor(p, d) for p, d in zip(outputs, output_desc)], results):
             out.copy_(res.to(out.dtype))
 

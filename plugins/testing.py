@@ -26,7 +26,7 @@ def run_kernel(plugin, arrays: list[np.ndarray], attrs: dict | None = None) -> l
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1 before triton is imported (plugins/_interpret.py) to run kernels on CPU")
     device = "cuda" if gpu else "cpu"
-    outs = plugin.kernel(*[torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays], **plugin.attributes(attrs))
+    outs = plugin.run_kernel(*[torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays], **plugin.attributes(attrs))
     return [o.cpu().numpy() for o in outs]
 
 

@@ -42,7 +42,7 @@ def rewrite_passes(recipe) -> list:
         if p.engine_io and not _drives_engine_io(recipe):
             raise KilnError(f"plugin {name} changes the engine's inputs and outputs, which only the single-rank ONNX Runtime "
                             "CPU runtime drives so far", f"remove {name} from plugins:, or build for onnxruntime on cpu, tp=pp=1")
-        out.append(p.rewrite())
+        out.append(p.make_rewrite())
     return out
 
 

@@ -10,14 +10,9 @@ from plugins.kv_attention.reference import reference
 from plugins.spec import Plugin
 
 
-def _kernel(*args, **kw):
-    from plugins.kv_attention.kernel import kernel
-
-    return kernel(*args, **kw)
-
-
 PLUGIN = Plugin(
     name="kv_attention", op_type=schema.OP_TYPE, doc=__doc__.strip(), inputs=schema.INPUTS, outputs=schema.OUTPUTS,
-    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition, kernel=_kernel,
+    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition,
+    kernel="plugins.kv_attention.kernel:kernel",
     bandwidth_bound=True,
 )

@@ -9,20 +9,9 @@ from plugins.rmsnorm_residual.reference import reference
 from plugins.spec import Plugin
 
 
-def _kernel(*args, **kw):
-    from plugins.rmsnorm_residual.kernel import kernel  # triton is imported only when a kernel runs
-
-    return kernel(*args, **kw)
-
-
-def _rewrite():
-    from plugins.rmsnorm_residual.rewrite import FuseRmsNormResidual
-
-    return FuseRmsNormResidual()
-
-
 PLUGIN = Plugin(
     name="rmsnorm_residual", op_type=schema.OP_TYPE, doc=__doc__.strip(), inputs=schema.INPUTS, outputs=schema.OUTPUTS,
-    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition, kernel=_kernel,
-    rewrite=_rewrite,
+    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition,
+    kernel="plugins.rmsnorm_residual.kernel:kernel",
+    rewrite="plugins.rmsnorm_residual.rewrite:FuseRmsNormResidual",
 )

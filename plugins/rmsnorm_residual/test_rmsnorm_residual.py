@@ -69,7 +69,7 @@ def test_rewrite_fuses_every_residual_norm_of_a_decoder(tiny_model):
     from compiler.passes import PassManager, make
     from plugins.onnxruntime import decompose
 
-    model = PassManager(make(["shape_inference"]) + [PLUGIN.rewrite()]).run(tiny_model())
+    model = PassManager(make(["shape_inference"]) + [PLUGIN.make_rewrite()]).run(tiny_model())
     fused = [n for n in model.graph if n.op_type == "RmsNormResidual"]
     # mlp_norm of both layers and attn_norm of layer 1 (the final norm reads GatherND, not the Add)
     assert sorted(n.name for n in fused) == ["/layers.0/mlp_norm/RmsNormResidual", "/layers.1/attn_norm/RmsNormResidual",

@@ -9,13 +9,8 @@ from plugins.rmsnorm_residual_int8.reference import reference
 from plugins.spec import Plugin
 
 
-def _kernel(x, residual, weight, scale, epsilon: float = 1e-5):
-    from plugins.rmsnorm_residual.kernel import kernel  # one kernel serves both ops (QUANT)
-
-    return kernel(x, residual, weight, epsilon=epsilon, scale=scale)
-
-
 PLUGIN = Plugin(
     name="rmsnorm_residual_int8", op_type=schema.OP_TYPE, doc=__doc__.strip(), inputs=schema.INPUTS, outputs=schema.OUTPUTS,
-    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition, kernel=_kernel,
+    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition,
+    kernel="plugins.rmsnorm_residual_int8.kernel:kernel",
 )

@@ -10,20 +10,9 @@ from plugins.sample.reference import reference
 from plugins.spec import Plugin
 
 
-def _kernel(*args, **kw):
-    from plugins.sample.kernel import kernel
-
-    return kernel(*args, **kw)
-
-
-def _rewrite():
-    from plugins.sample.rewrite import FuseSample
-
-    return FuseSample()
-
-
 PLUGIN = Plugin(
     name="sample", op_type=schema.OP_TYPE, doc=__doc__.strip(), inputs=schema.INPUTS, outputs=schema.OUTPUTS,
-    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition, kernel=_kernel,
-    rewrite=_rewrite, bandwidth_bound=False, engine_io=True,
+    attrs=schema.ATTRS, infer=schema.infer, reference=reference, decomposition=decomposition,
+    kernel="plugins.sample.kernel:kernel",
+    rewrite="plugins.sample.rewrite:FuseSample", bandwidth_bound=False, engine_io=True,
 )
