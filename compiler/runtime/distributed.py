@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler.runtime.config import EngineConfig, ParallelSpec, RankSpec
-from compiler.runtime.session import physical_cores
+from compiler.runtime.session import physical_cores, session_options
 
 KV_INPUTS = ("past_key.", "past_value.")
 
@@ -62,6 +62,9 @@ class DistributedSession:
             raise LayoutMismatch(f"this is a {spec.world_size}-rank {cfg.backend} engine: its collectives run on NCCL between "
                                  "NVIDIA GPUs, which this runtime does not drive yet; build with backend: onnxruntime to run on CPUs")
         self.dist = process_group(spec)
+        import torch  # present: process_group imported torch.distributed
+
+        self.as_tensor = torch.from_numpy  # numpy buffers are handed to the collectives without copies
         self.rank = self.dist.get_rank()
         self.me: RankSpec = spec.ranks[self.rank]
         if self.me.rank != self.rank:
@@ -71,12 +74,7 @@ class DistributedSession:
         self.tp_group = groups[self.me.stage]
         self.last_stage_root = (spec.pp - 1) * spec.tp
         local = int(os.environ.get("LOCAL_WORLD_SIZE", spec.world_size))
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or cfg.session.intra_op_threads or max(1, physical_cores() // local)
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        for key, value in {**cfg.session.config_entries, **(config_entries or {})}.items():
-            so.add_session_config_entry(key, value)
+        so = session_options(cfg, threads, config_entries, cores=max(1, physical_cores() // local))  # cores shared by the ranks
         self.threads = so.intra_op_num_threads
         self.sessions = {s["part"]: ort.InferenceSession(str(engine_dir / s["part"]), so, providers=["CPUExecutionProvider"])
                          for s in self.me.steps if "part" in s}
@@ -126,9 +124,7 @@ class DistributedSession:
         if logits is None:
             logits = np.empty((B, logits_positions.shape[1], self.cfg.vocab_size), dtype=np.float32)
         if spec.pp > 1:
-            import torch
-
-            dist.broadcast(torch.from_numpy(logits), src=self.last_stage_root)
+            dist.broadcast(self.as_tensor(logits), src=self.last_stage_root)
         return logits
 
     # -- pieces ---------------------------------------------------------------------------
@@ -149,24 +145,18 @@ class DistributedSession:
             env[name] = v.numpy()
 
     def _collective(self, s: dict, x: np.ndarray) -> np.ndarray:
-        import torch
-
         if s["collective"] != "AllReduce":
             raise LayoutMismatch(f"collective {s['collective']} is not known to this runtime: update kiln")
         x = np.ascontiguousarray(x)
         if not x.flags.writeable:
             x = x.copy()
-        self.dist.all_reduce(torch.from_numpy(x), op=self.dist.ReduceOp.SUM, group=self.tp_group)
+        self.dist.all_reduce(self.as_tensor(x), op=self.dist.ReduceOp.SUM, group=self.tp_group)
         return x
 
     def _send(self, x: np.ndarray, dst: int) -> None:
-        import torch
-
-        self.dist.send(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), dst)
+        self.dist.send(self.as_tensor(np.ascontiguousarray(x, dtype=np.float32)), dst)
 
     def _recv(self, shape: tuple[int, ...], src: int) -> np.ndarray:
-        import torch
-
         buf = np.empty(shape, dtype=np.float32)
-        self.dist.recv(torch.from_numpy(buf), src)
+        self.dist.recv(self.as_tensor(buf), src)
         return buf
