@@ -13,6 +13,10 @@ from pathlib import Path
 ENGINE_FORMAT = 1
 
 
+class InvalidEngineConfig(ValueError):
+    """engine.json is malformed or was edited into something the runtime cannot drive."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -122,9 +126,25 @@ class EngineConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "EngineConfig":
-        d = json.loads(text)
-        if d.get("format") != ENGINE_FORMAT:
-            raise ValueError(f"engine format {d.get('format')} is not {ENGINE_FORMAT}")
+        """Parsed and checked: anything malformed raises InvalidEngineConfig (a ValueError) naming it."""
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict):
+                raise TypeError("not a JSON object")
+            if d.get("format") != ENGINE_FORMAT:
+                raise InvalidEngineConfig(f"engine format {d.get('format')!r} is not {ENGINE_FORMAT}; rebuild the artifact "
+                                          "with this kiln")
+            cfg = cls._from_dict(d)
+        except InvalidEngineConfig:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidEngineConfig(f"engine.json is not a valid kiln engine config ({type(e).__name__}: {e}); "
+                                      "rebuild the artifact or restore its engine.json") from None
+        cfg._check()
+        return cfg
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "EngineConfig":
         return cls(
             **{
                 **d,
@@ -138,9 +158,32 @@ class EngineConfig:
             }
         )
 
+    def _check(self) -> None:
+        """The values the runtime sizes buffers and opens files with."""
+        def bad(why: str) -> InvalidEngineConfig:
+            return InvalidEngineConfig(f"engine.json: {why}; rebuild the artifact or restore its engine.json")
+
+        for key in ("max_batch", "max_seq", "vocab_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(f"{key}={value!r} is not a positive integer")
+        if not isinstance(self.model_file, str) or not self.model_file or Path(self.model_file).name != self.model_file:
+            raise bad(f"model_file={self.model_file!r} is not a file name inside the artifact")
+        kv = self.kv_cache
+        if kv is not None:
+            dims = (kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.max_seq)
+            if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in dims) or kv.max_seq != self.max_seq:
+                raise bad(f"kv_cache {list(dims)} does not describe a cache of max_seq {self.max_seq}")
+        if self.session.graph_optimization_level not in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED",
+                                                         "ORT_ENABLE_LAYOUT", "ORT_ENABLE_ALL"):
+            raise bad(f"session.graph_optimization_level={self.session.graph_optimization_level!r} is unknown")
+
     @classmethod
     def load(cls, path: Path) -> "EngineConfig":
-        return cls.from_json(Path(path).read_text())
+        try:
+            return cls.from_json(Path(path).read_text())
+        except InvalidEngineConfig as e:
+            raise InvalidEngineConfig(f"{Path(path).parent}: {e}") from None
 
 
 def _parallel(d: dict | None) -> ParallelSpec | None:

@@ -197,8 +197,20 @@ def load(path: str | Path, threads: int | None = None, config_entries: dict | No
 
         verify_artifact(path)
     config = EngineConfig.load(path / "engine.json")
-    if config.task == "embed":
-        from compiler.runtime.encoder import Encoder
+    try:
+        if config.task == "embed":
+            from compiler.runtime.encoder import Encoder
 
-        return Encoder(path, config, threads)
-    return Engine(path, threads, config_entries)
+            return Encoder(path, config, threads)
+        return Engine(path, threads, config_entries)
+    except _ort_errors() as e:  # a model file that does not match engine.json, or is not an ONNX model
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: ONNX Runtime cannot load this engine ({why}); rebuild the artifact") from None
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's load-time exception types (plain Exception subclasses of its pybind module)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented", "RuntimeException")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
