@@ -52,6 +52,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         return {**done, "up_to_date": True}
     arch = models.lookup(ckpt.config)
     cfg = arch.config(ckpt.config)
+    _check_tokenizer(ckpt)
     if recipe.max_seq > cfg.max_position_embeddings:
         raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
                         "lower max_seq in the recipe")
@@ -66,9 +67,12 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration and any build work
     facts = ort_backend.ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size,
                                    _generation(ckpt), task)
-    model, pm, plugin_records = None, None, []
-    if lay is None:
-        model = arch.build(cfg, ckpt, recipe.max_seq)
+    model = arch.build(cfg, ckpt, recipe.max_seq)  # lazy: no weight is read yet
+    ckpt.check_all_claimed(arch.IGNORED_WEIGHTS)  # before any work: a lying config.json is refused here
+    pm, plugin_records = None, []
+    if lay is not None:
+        model = None  # each rank builds its own graph
+    else:
         pm = PassManager(make(recipe.passes) + plugin_ops.rewrite_passes(recipe)
                          + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
         model = pm.run(model)
@@ -243,14 +247,37 @@ def _quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) 
 
 
 def _generation(ckpt: Checkpoint) -> GenerationDefaults:
-    def ids(v) -> list[int]:
-        return [] if v is None else [int(x) for x in (v if isinstance(v, list) else [v])]
-
+    """Special token ids from generation_config.json (else config.json), each a token id or refused."""
     gen, cfg = ckpt.generation_config, ckpt.config
-    eos = ids(gen.get("eos_token_id", cfg.get("eos_token_id")))
-    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
-    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
-    return GenerationDefaults(bos_token_id=bos, eos_token_ids=eos, pad_token_id=int(pad) if pad is not None else (eos or [0])[0])
+
+    def ids(key: str) -> list[int]:
+        v = gen.get(key, cfg.get(key))
+        values = [] if v is None else v if isinstance(v, list) else [v]
+        bad = [x for x in values if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < (1 << 31)]
+        if bad:
+            raise KilnError(f"{ckpt.root}: {key}={v!r} is not a token id (or a list of them)",
+                            f"fix {key} in generation_config.json / config.json")
+        return values
+
+    eos, bos, pad = ids("eos_token_id"), ids("bos_token_id"), ids("pad_token_id")
+    return GenerationDefaults(bos_token_id=bos[0] if bos else None, eos_token_ids=eos, pad_token_id=(pad or eos or [0])[0])
+
+
+def _check_tokenizer(ckpt: Checkpoint) -> None:
+    """Load the tokenizer files as the runtime will (and render a one-message chat through the
+    template), so an artifact that `kiln run` cannot load is never built."""
+    from compiler.runtime.text import Text
+
+    if not (ckpt.root / "tokenizer.json").is_file():
+        raise KilnError(f"{ckpt.root} has no tokenizer.json", "add the model's tokenizer.json (a fast tokenizer) to the checkpoint")
+    try:
+        text = Text(ckpt.root)
+        if text.chat_template:
+            text.prompt_ids([{"role": "user", "content": "Hello"}], chat=True)
+    except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception types)
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise KilnError(f"{ckpt.root}: the tokenizer files do not load ({why})", "fix or re-download tokenizer.json, "
+                        "tokenizer_config.json and the chat template") from None
 
 
 def _sha256(path: Path) -> str:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 def _build(args) -> int:
     from compiler.build import build
-    from compiler.recipe import load_recipe
+    from compiler.recipe import load_recipe, parse_recipe
 
     recipe = load_recipe(args.recipe)
-    if args.max_seq or args.max_batch:
-        recipe = recipe.model_copy(update={k: v for k, v in (("max_seq", args.max_seq), ("max_batch", args.max_batch)) if v})
+    overrides = {k: v for k, v in (("max_seq", args.max_seq), ("max_batch", args.max_batch)) if v is not None}
     if args.verbose:
-        recipe = recipe.model_copy(update={"tensorrt": recipe.tensorrt.model_copy(update={"verbose_log": True})})
+        overrides["tensorrt"] = {**recipe.tensorrt.model_dump(mode="json"), "verbose_log": True}
+    if overrides:  # through the recipe's own validation, as if the recipe said it
+        recipe = parse_recipe({**recipe.resolved(), **overrides}, f"{args.recipe} (with command-line overrides)")
     manifest = build(recipe, Path(args.out), dump_ir=Path(args.dump_ir) if args.dump_ir else None, progress=not args.quiet,
                      force=args.force)
     dest = Path(args.out) / recipe.name
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
-        if args.command not in ("run", "inspect", "eval", "plugins"):
+        if args.command == "build":  # the build side raises KilnError for bad input: anything else is a bug
             raise
         print(f"kiln: error: {e}", file=sys.stderr)
     except ImportError as e:

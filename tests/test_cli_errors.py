@@ -125,3 +125,106 @@ def test_real_process_exit_code_and_no_traceback(tmp_path, ckpt):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "bad").exists()
+
+
+# -- issue 13: a careless or hostile user's input ------------------------------------------------
+def _raw_safetensors(path: Path, header_json: bytes, data: bytes = b"\0" * 16) -> None:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header_json)) + header_json + data)
+
+
+@pytest.mark.parametrize("header,needle", [
+    (b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": ["0", "16"]}}', "data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [2.5, 2], "data_offsets": [0, 16]}}', "shape"),
+    (b'{"w": {"dtype": "F32", "shape": ["2", 2], "data_offsets": [0, 16]}}', "shape"),
+    (b'{"w": {"dtype": "F32", "shape": [true, 4], "data_offsets": [0, 16]}}', "shape"),
+    (b'{"w": {"dtype": ["F32"], "shape": [2, 2], "data_offsets": [0, 16]}}', "dtype"),
+    (b'{"w": ' * 5000 + b'1' + b'}' * 5000, "nested too deeply"),
+])
+def test_crafted_safetensors_header(capsys, tmp_path, ckpt, header, needle):
+    _raw_safetensors(ckpt / "model.safetensors", header)
+    _expect_error(capsys, tmp_path, ["build", str(_recipe(tmp_path, ckpt))], "model.safetensors", needle)
+
+
+@pytest.mark.parametrize("content", [b"garbage, not JSON", b'{"model": {"type": "NoSuchModel"}}', b"[]"])
+def test_garbage_tokenizer_is_refused_at_build(capsys, tmp_path, ckpt, content):
+    (ckpt / "tokenizer.json").write_bytes(content)
+    _expect_error(capsys, tmp_path, ["build", str(_recipe(tmp_path, ckpt))], "tokenizer")
+
+
+def test_broken_chat_template_is_refused_at_build(capsys, tmp_path, ckpt):
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }"
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _expect_error(capsys, tmp_path, ["build", str(_recipe(tmp_path, ckpt))], "tokenizer files do not load")
+
+
+def test_missing_tokenizer_is_refused_at_build(capsys, tmp_path, ckpt):
+    (ckpt / "tokenizer.json").unlink()
+    _expect_error(capsys, tmp_path, ["build", str(_recipe(tmp_path, ckpt))], "no tokenizer.json")
+
+
+@pytest.mark.parametrize("key,value", [("eos_token_id", "tiny"), ("pad_token_id", -3), ("bos_token_id", [1.5])])
+def test_bad_special_token_ids(capsys, tmp_path, ckpt, key, value):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[key] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "generation_config.json").unlink(missing_ok=True)
+    _expect_error(capsys, tmp_path, ["build", str(_recipe(tmp_path, ckpt))], key)
+
+
+@pytest.fixture(scope="module")
+def good_artifact(tiny_checkpoints, tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, out root) of a built tiny artifact that bad overrides must leave intact."""
+    tmp = tmp_path_factory.mktemp("overrides")
+    recipe = _recipe(tmp, tiny_checkpoints["llama"], name="good")
+    assert main(["build", str(recipe), "--out", str(tmp / "out"), "--quiet"]) == 0
+    return recipe, tmp / "out"
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--max-seq", "-5", "'max_seq'"), ("--max-seq", "0", "'max_seq'"), ("--max-batch", "-1", "'max_batch'"),
+    ("--max-batch", "0", "'max_batch'"), ("--max-seq", "100000000", "'max_seq'"),
+])
+def test_cli_overrides_are_validated_like_the_recipe(capsys, good_artifact, flag, value, needle):
+    recipe, out = good_artifact
+    before = (out / "good" / "kiln.json").read_bytes()
+    assert main(["build", str(recipe), "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kiln: error: ") and needle in err and "override" in err, err
+    assert (out / "good" / "kiln.json").read_bytes() == before, "a refused override replaced the artifact"
+    assert sorted(p.name for p in out.iterdir()) == ["good"], "a refused override left files behind"
+
+
+def test_cli_override_applies_when_valid(capsys, good_artifact):
+    recipe, out = good_artifact
+    assert main(["build", str(recipe), "--out", str(out), "--max-seq", "48", "--quiet"]) == 0
+    assert json.loads((out / "good" / "engine.json").read_text())["max_seq"] == 48
+    assert main(["build", str(recipe), "--out", str(out), "--quiet"]) == 0  # back to the recipe's 64
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda e: e.pop("inputs"), "not a valid kiln engine config"),
+    (lambda e: e.update(max_batch="four"), "max_batch"),
+    (lambda e: e.update(max_seq=-1), "max_seq"),
+    (lambda e: e.update(model_file="../../etc/passwd"), "model_file"),
+    (lambda e: e.update(model_file="tokenizer.json"), "ONNX Runtime cannot load"),
+    (lambda e: e["session"].update(graph_optimization_level="ORT_FAST"), "graph_optimization_level"),
+    (lambda e: e.update(format=99), "engine format"),
+])
+def test_edited_engine_json(capsys, tmp_path, tiny_artifacts, edit, needle):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts[("llama", "contrib")], art)
+    engine = json.loads((art / "engine.json").read_text())
+    edit(engine)
+    (art / "engine.json").write_text(json.dumps(engine))
+    # kiln run verifies first: the edit is tampering
+    _expect_error(capsys, tmp_path, ["run", str(art), "--prompt", "hi"], "engine.json", "does not match its sha256")
+    # with the manifest's digest updated too (an edit made on purpose), the engine config itself is checked
+    from compiler.runtime.verify import sha256
+
+    manifest = json.loads((art / "kiln.json").read_text())
+    manifest["files"]["engine.json"] = sha256(art / "engine.json")
+    (art / "kiln.json").write_text(json.dumps(manifest))
+    _expect_error(capsys, tmp_path, ["run", str(art), "--prompt", "hi"], needle)

@@ -8,6 +8,7 @@ copy read on demand, so peak memory stays near the largest single tensor.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Checkpoint:
     generation_config: dict
     files: list[SafetensorsFile]
     index: dict[str, SafetensorsFile] = field(default_factory=dict)
+    claimed: set[str] = field(default_factory=set)  # weights a graph builder has asked for (weights.Weights)
 
     @classmethod
     def open(cls, root: str | Path) -> "Checkpoint":
@@ -69,6 +71,15 @@ class Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         return self.index[name].read(name)
+
+    def check_all_claimed(self, ignorable: tuple[str, ...] = ()) -> None:
+        """Refuse a checkpoint whose weights the built graph did not all use (a config.json that
+        lies about the layer count, say), except names matching the architecture's `ignorable` globs."""
+        left = [n for n in self.names() if n not in self.claimed and not any(fnmatch.fnmatchcase(n, g) for g in ignorable)]
+        if left:
+            more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+            raise KilnError(f"{len(left)} weights of {self.root} are not used by the graph config.json describes: "
+                            f"{', '.join(sorted(left)[:3])}{more}", "check that config.json belongs to these weights")
 
     def tokenizer_files(self) -> list[Path]:
         return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]

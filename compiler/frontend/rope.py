@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.errors import KilnError
+from compiler.frontend.config_fields import integer, number
 
 SUPPORTED = ("default", "linear", "llama3", "dynamic", "longrope")
 
@@ -37,8 +38,10 @@ class RopeConfig:
         if params is None:  # transformers 4 style
             if "rope_theta" not in cfg:
                 raise KilnError(f"{where} has neither rope_parameters nor rope_theta", "add the model's rope_theta to config.json")
-            params = dict(cfg.get("rope_scaling") or {})
-            params["rope_theta"] = cfg["rope_theta"]
+            params = cfg.get("rope_scaling") or {}
+            params = {**params, "rope_theta": cfg["rope_theta"]} if isinstance(params, dict) else params
+        if not isinstance(params, dict):
+            raise KilnError(f"{where}: rope parameters must be a JSON object, got {params!r}", "fix rope_parameters in config.json")
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in SUPPORTED:
             raise KilnError(
@@ -47,15 +50,17 @@ class RopeConfig:
             )
         if "rope_theta" not in params:
             raise KilnError(f"{where}: rope_parameters lacks rope_theta", "add rope_theta to rope_parameters")
-        kw = {"theta": float(params["rope_theta"]), "rope_type": rope_type}
+        kw = {"theta": number(params, "rope_theta", where), "rope_type": rope_type}
         if rope_type in ("linear", "llama3"):
-            kw["factor"] = float(_need(params, "factor", where))
+            kw["factor"] = number(params, "factor", where)
         if rope_type == "llama3":
-            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                kw[key] = type(getattr(cls, key))(_need(params, key, where))
-        kw["partial_rotary_factor"] = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+            for key in ("low_freq_factor", "high_freq_factor"):
+                kw[key] = number(params, key, where)
+            kw["original_max_position_embeddings"] = integer(params, "original_max_position_embeddings", where)
+        partial = params if params.get("partial_rotary_factor") is not None else cfg
+        kw["partial_rotary_factor"] = number(partial, "partial_rotary_factor", where, default=1.0)
         if rope_type == "dynamic":
-            kw["max_position_embeddings"] = int(_need(cfg, "max_position_embeddings", where))
+            kw["max_position_embeddings"] = integer(cfg, "max_position_embeddings", where)
         if rope_type == "longrope":
             kw.update(_longrope(cfg, params, where))
         return cls(**kw)
@@ -102,12 +107,16 @@ def _need(params: dict, key: str, where: str):
 
 def _longrope(cfg: dict, params: dict, where: str) -> dict:
     """Phi-3's longrope: short factors below the original length, and the cos/sin scale."""
-    original = int(params.get("original_max_position_embeddings") or _need(cfg, "original_max_position_embeddings", where))
-    factor = params.get("factor") or int(_need(cfg, "max_position_embeddings", where)) / original
-    attention = params.get("attention_factor")
+    key = "original_max_position_embeddings"
+    original = integer(params if params.get(key) else cfg, key, where)
+    factor = number(params, "factor", where) if params.get("factor") else integer(cfg, "max_position_embeddings", where) / original
+    attention = number(params, "attention_factor", where) if params.get("attention_factor") is not None else None
     if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return {"short_factor": tuple(float(x) for x in _need(params, "short_factor", where)),
+        attention = 1.0 if factor <= 1.0 or original < 2 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short = _need(params, "short_factor", where)
+    if not isinstance(short, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in short):
+        raise KilnError(f"{where}: rope short_factor must be a list of positive numbers", "fix short_factor in config.json")
+    return {"short_factor": tuple(float(x) for x in short),
             "original_max_position_embeddings": original, "attention_factor": float(attention), "factor": float(factor)}
 
 

@@ -9,6 +9,7 @@ streams weights instead of holding the checkpoint in memory.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,11 @@ class TensorInfo:
     end: int
 
 
+def _is_count(x) -> bool:
+    """A JSON integer >= 0 (bool is an int in Python, and not one here)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 class SafetensorsFile:
     """One safetensors file: header parsed eagerly, data mapped lazily."""
 
@@ -68,6 +74,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise self._bad(f"header is not JSON: {e.msg if hasattr(e, 'msg') else e}") from None
+            except RecursionError:
+                raise self._bad("header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
         base = 8 + n
@@ -83,10 +91,14 @@ class SafetensorsFile:
             tag, shape, (b, e) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise self._bad(f"entry {name!r} lacks dtype/shape/data_offsets") from None
-        if tag not in _DTYPES:
-            raise self._bad(f"tensor {name!r} has unsupported dtype {tag}")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if e - b != count * _DTYPES[tag].itemsize or b < 0:
+        if not isinstance(tag, str) or tag not in _DTYPES:
+            raise self._bad(f"tensor {name!r} has unsupported dtype {tag!r}")
+        if not all(_is_count(d) for d in shape):
+            raise self._bad(f"tensor {name!r}: shape {list(shape)} is not a list of non-negative integers")
+        if not (_is_count(b) and _is_count(e)):
+            raise self._bad(f"tensor {name!r}: data_offsets {[b, e]} are not two non-negative integers")
+        count = math.prod(shape)
+        if e - b != count * _DTYPES[tag].itemsize:
             raise self._bad(f"tensor {name!r}: byte range {b}..{e} does not hold shape {list(shape)} of {tag}")
         if base + e > size:
             raise self._bad(f"truncated: tensor {name!r} ends at byte {base + e} but the file has {size}")

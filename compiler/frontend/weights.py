@@ -23,7 +23,6 @@ class Weights:
         self.ckpt = ckpt
         self.b = builder
         self.dtype = np.dtype(dtype)
-        self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
         return name in self.ckpt.index
@@ -71,7 +70,4 @@ class Weights:
             )
         if info.dtype not in _FLOAT_TAGS:
             raise KilnError(f"weight {name} has dtype {info.dtype}, expected a float type", "use an unquantized checkpoint")
-        self.used.add(name)
-
-    def unused(self) -> list[str]:
-        return sorted(set(self.ckpt.names()) - self.used)
+        self.ckpt.claimed.add(name)

@@ -16,13 +16,15 @@ import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.frontend.checkpoint import Checkpoint
-from compiler.frontend.models.llama import need
+from compiler.frontend.config_fields import integer, number
 from compiler.frontend.weights import Weights
 from compiler.ir.builder import GraphBuilder
 
 ARCH = "BertModel"
 ALIASES = ("BertForMaskedLM",)
 TASK = "embed"
+# not part of an embedding engine: the pooler, the masked-LM head, position-id buffers
+IGNORED_WEIGHTS = ("pooler.*", "bert.pooler.*", "cls.*", "*position_ids")
 
 # Checkpoint names under the model prefix ("" for BertModel, "bert." for BertForMaskedLM)
 WEIGHTS = {
@@ -65,15 +67,13 @@ def config(cfg: dict) -> BertConfig:
     pos = cfg.get("position_embedding_type", "absolute")
     if pos != "absolute":
         raise KilnError(f"config.json of {arch}: position_embedding_type {pos!r} is not supported", "use absolute positions")
+    where = f"config.json of {arch}"
     c = BertConfig(
-        vocab_size=int(need(cfg, "vocab_size", arch)),
-        hidden_size=int(need(cfg, "hidden_size", arch)),
-        intermediate_size=int(need(cfg, "intermediate_size", arch)),
-        num_layers=int(need(cfg, "num_hidden_layers", arch)),
-        num_heads=int(need(cfg, "num_attention_heads", arch)),
-        max_position_embeddings=int(need(cfg, "max_position_embeddings", arch)),
-        type_vocab_size=int(need(cfg, "type_vocab_size", arch)),
-        layer_norm_eps=float(need(cfg, "layer_norm_eps", arch)),
+        **{f: integer(cfg, key, where) for f, key in (
+            ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+            ("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads"),
+            ("max_position_embeddings", "max_position_embeddings"), ("type_vocab_size", "type_vocab_size"))},
+        layer_norm_eps=number(cfg, "layer_norm_eps", where),
     )
     if c.hidden_size % c.num_heads:
         raise KilnError(f"config.json of {arch}: hidden_size {c.hidden_size} is not a multiple of {c.num_heads} heads",

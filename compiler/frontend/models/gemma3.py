@@ -13,11 +13,13 @@ import math
 
 from compiler.errors import KilnError
 from compiler.frontend.models import llama
-from compiler.frontend.models.llama import need
+from compiler.frontend.config_fields import flag, integer, need, number
 from compiler.frontend.rope import RopeConfig
 
 SHARDS = llama.SHARDS
+IGNORED_WEIGHTS = llama.IGNORED_WEIGHTS
 ARCH = "Gemma3ForCausalLM"
+WHERE = f"config.json of {ARCH}"
 
 WEIGHTS = {
     **llama.WEIGHTS,
@@ -36,8 +38,8 @@ def _refuse_unsupported(cfg: dict) -> None:
     if cfg.get("use_bidirectional_attention"):
         raise KilnError(f"config.json of {ARCH}: use_bidirectional_attention=true is not supported",
                         "kiln builds causal decoders")
-    act = need(cfg, "hidden_activation", ARCH)
-    if act not in _ACTIVATIONS:
+    act = need(cfg, "hidden_activation", WHERE)
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         raise KilnError(f"config.json of {ARCH}: hidden_activation {act!r} is not supported", "use gelu_pytorch_tanh")
 
 
@@ -50,30 +52,32 @@ def _ropes(cfg: dict) -> tuple[RopeConfig, RopeConfig]:
         if local is None:
             raise KilnError(f"{where}: rope_parameters lacks sliding_attention", "add the sliding layers' rope_parameters")
         return RopeConfig.from_hf(cfg, where, params["full_attention"]), RopeConfig.from_hf(cfg, where, local)
-    base = need(cfg, "rope_local_base_freq", ARCH)  # transformers 4 style
-    return RopeConfig.from_hf(cfg, where), RopeConfig(theta=float(base))
+    base = number(cfg, "rope_local_base_freq", where)  # transformers 4 style
+    return RopeConfig.from_hf(cfg, where), RopeConfig(theta=base)
 
 
 def config(cfg: dict) -> llama.LlamaConfig:
     _refuse_unsupported(cfg)
-    layers = int(need(cfg, "num_hidden_layers", ARCH))
-    types = need(cfg, "layer_types", ARCH)
+    layers = integer(cfg, "num_hidden_layers", WHERE)
+    types = need(cfg, "layer_types", WHERE)
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        types = [repr(types)]
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if len(types) != layers or unknown:
         raise KilnError(f"config.json of {ARCH}: layer_types {types} does not give one known type per layer",
                         "use sliding_attention / full_attention, one per layer")
     rope, local = _ropes(cfg)
-    hidden = int(need(cfg, "hidden_size", ARCH))
+    hidden = integer(cfg, "hidden_size", WHERE)
     return llama.LlamaConfig.from_hf(
         cfg, ARCH,
         rope=rope, local_rope=local,
-        sliding_window=int(need(cfg, "sliding_window", ARCH)),
+        sliding_window=integer(cfg, "sliding_window", WHERE),
         sliding_layers=tuple(t == "sliding_attention" for t in types),
         qk_norm=True, norm_offset=1.0, sandwich_norms=True,
         hidden_act=_ACTIVATIONS[cfg["hidden_activation"]],
         embed_scale=math.sqrt(hidden),
-        query_scale=float(need(cfg, "query_pre_attn_scalar", ARCH)) ** -0.5,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        query_scale=number(cfg, "query_pre_attn_scalar", WHERE) ** -0.5,
+        tie_word_embeddings=flag(cfg, "tie_word_embeddings", WHERE, True),
     )
 
 

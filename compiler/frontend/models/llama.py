@@ -17,6 +17,7 @@ from compiler.errors import KilnError
 from compiler.frontend import layers as L
 from compiler.frontend.moe import MoeConfig, moe_mlp
 from compiler.frontend.checkpoint import Checkpoint
+from compiler.frontend.config_fields import flag, integer, number
 from compiler.frontend.rope import RopeConfig
 from compiler.frontend.sharding import ShardSpec
 from compiler.frontend.weights import Weights
@@ -41,6 +42,10 @@ WEIGHTS = {
     "attn/k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
 
+# Checkpoint tensors the graph may leave unread: rotary buffers of old exports; lm_head.weight
+# saved beside tied embeddings (transformers ties it to the embeddings and ignores it too)
+IGNORED_WEIGHTS = ("*.rotary_emb.inv_freq", "lm_head.weight")
+
 # Tensor parallelism, as data (see compiler/frontend/sharding.py): by graph scope under /layers.{i}/.
 SHARDS = (
     *(ShardSpec(f"attn/{p}", "column") for p in ("q_proj", "k_proj", "v_proj", "qkv_proj")),
@@ -48,13 +53,6 @@ SHARDS = (
     *(ShardSpec(f"mlp/{p}", "column") for p in ("gate_proj", "up_proj", "gate_up_proj")),
     ShardSpec("mlp/down_proj", "row"),
 )
-
-
-def need(cfg: dict, key: str, arch: str):
-    """Read a config key kiln relies on; refuse the config (naming the key) when it is absent."""
-    if key not in cfg or cfg[key] is None:
-        raise KilnError(f"config.json of {arch} lacks {key}", f"add {key} to config.json")
-    return cfg[key]
 
 
 @dataclass(frozen=True)
@@ -90,21 +88,23 @@ class LlamaConfig:
         act = overrides.get("hidden_act", cfg.get("hidden_act", "silu"))
         if act not in ("silu", "gelu_tanh"):
             raise KilnError(f"config.json of {arch}: hidden_act {act!r} is not supported", "kiln builds silu or gelu_tanh gated MLPs")
-        hidden, heads = int(need(cfg, "hidden_size", arch)), int(need(cfg, "num_attention_heads", arch))
+        where = f"config.json of {arch}"
+        heads = integer(cfg, "num_attention_heads", where)
+        hidden = integer(cfg, "hidden_size", where)
         kw = dict(
-            vocab_size=int(need(cfg, "vocab_size", arch)),
+            vocab_size=integer(cfg, "vocab_size", where),
             hidden_size=hidden,
-            intermediate_size=int(need(cfg, "intermediate_size", arch)),
-            num_layers=int(need(cfg, "num_hidden_layers", arch)),
+            intermediate_size=integer(cfg, "intermediate_size", where),
+            num_layers=integer(cfg, "num_hidden_layers", where),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(need(cfg, "rms_norm_eps", arch)),
-            rope=overrides.pop("rope", None) or RopeConfig.from_hf(cfg, f"config.json of {arch}"),
-            max_position_embeddings=int(need(cfg, "max_position_embeddings", arch)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            num_kv_heads=integer(cfg, "num_key_value_heads", where, default=heads, hi=heads),
+            head_dim=integer(cfg, "head_dim", where, default=hidden // heads),
+            rms_norm_eps=number(cfg, "rms_norm_eps", where),
+            rope=overrides.pop("rope", None) or RopeConfig.from_hf(cfg, where),
+            max_position_embeddings=integer(cfg, "max_position_embeddings", where),
+            tie_word_embeddings=flag(cfg, "tie_word_embeddings", where, False),
+            attention_bias=flag(cfg, "attention_bias", where, False),
+            mlp_bias=flag(cfg, "mlp_bias", where, False),
         )
         kw.update(overrides)
         c = cls(**kw)

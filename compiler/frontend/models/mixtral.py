@@ -4,21 +4,24 @@ Mistral sliding window when the config sets one."""
 
 from __future__ import annotations
 
-from compiler.frontend.models.llama import SHARDS, LlamaConfig, build, need  # noqa: F401  (the shared builder)
+from compiler.frontend.config_fields import integer
+from compiler.frontend.models.llama import IGNORED_WEIGHTS, SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
 from compiler.frontend.moe import MoeConfig
 
 ARCH = "MixtralForCausalLM"
+WHERE = f"config.json of {ARCH}"
 
 
 def config(cfg: dict) -> LlamaConfig:
-    window = cfg.get("sliding_window")
+    experts = integer(cfg, "num_local_experts", WHERE)
     moe = MoeConfig(
-        num_experts=int(need(cfg, "num_local_experts", ARCH)),
-        top_k=int(need(cfg, "num_experts_per_tok", ARCH)),
-        expert_size=int(need(cfg, "intermediate_size", ARCH)),
+        num_experts=experts,
+        top_k=integer(cfg, "num_experts_per_tok", WHERE, hi=experts),
+        expert_size=integer(cfg, "intermediate_size", WHERE),
         normalize=True,
         router="model.layers.{i}.block_sparse_moe.gate.weight",
         expert="model.layers.{i}.block_sparse_moe.experts.{e}.{p}.weight",
         projections=("w1", "w3", "w2"),
     )
-    return LlamaConfig.from_hf(cfg, ARCH, sliding_window=int(window) if window else None, moe=moe)
+    window = integer(cfg, "sliding_window", WHERE, default=None) if cfg.get("sliding_window") else None
+    return LlamaConfig.from_hf(cfg, ARCH, sliding_window=window, moe=moe)

@@ -9,6 +9,7 @@ from compiler.errors import KilnError
 from compiler.frontend.models import llama
 
 SHARDS = llama.SHARDS
+IGNORED_WEIGHTS = llama.IGNORED_WEIGHTS
 ARCH = "Phi3ForCausalLM"
 
 WEIGHTS = {

@@ -8,7 +8,7 @@ on is refused rather than built with full attention, since its per-layer rule
 from __future__ import annotations
 
 from compiler.errors import KilnError
-from compiler.frontend.models.llama import SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
+from compiler.frontend.models.llama import IGNORED_WEIGHTS, SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
 
 ARCH = "Qwen2ForCausalLM"
 

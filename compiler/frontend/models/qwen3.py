@@ -4,7 +4,8 @@ rotary) and an explicit head_dim. No qkv bias. Sliding windows are refused, as f
 from __future__ import annotations
 
 from compiler.errors import KilnError
-from compiler.frontend.models.llama import SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
+from compiler.frontend.config_fields import flag
+from compiler.frontend.models.llama import IGNORED_WEIGHTS, SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
 
 ARCH = "Qwen3ForCausalLM"
 
@@ -12,4 +13,4 @@ ARCH = "Qwen3ForCausalLM"
 def config(cfg: dict) -> LlamaConfig:
     if cfg.get("use_sliding_window"):
         raise KilnError(f"config.json of {ARCH}: use_sliding_window=true is not supported", "set use_sliding_window to false")
-    return LlamaConfig.from_hf(cfg, ARCH, qk_norm=True, attention_bias=bool(cfg.get("attention_bias", False)))
+    return LlamaConfig.from_hf(cfg, ARCH, qk_norm=True, attention_bias=flag(cfg, "attention_bias", f"config.json of {ARCH}", False))

@@ -5,24 +5,30 @@ in the layers `decoder_sparse_step` selects, minus `mlp_only_layers` (those keep
 from __future__ import annotations
 
 from compiler.errors import KilnError
-from compiler.frontend.models.llama import SHARDS, LlamaConfig, build, need  # noqa: F401  (the shared builder)
+from compiler.frontend.config_fields import flag, integer, need
+from compiler.frontend.models.llama import IGNORED_WEIGHTS, SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
 from compiler.frontend.moe import MoeConfig
 
 ARCH = "Qwen3MoeForCausalLM"
+WHERE = f"config.json of {ARCH}"
 
 
 def config(cfg: dict) -> LlamaConfig:
     if cfg.get("use_sliding_window"):
         raise KilnError(f"config.json of {ARCH}: use_sliding_window=true is not supported", "set use_sliding_window to false")
-    layers, step = int(need(cfg, "num_hidden_layers", ARCH)), int(cfg.get("decoder_sparse_step", 1))
-    dense = set(int(i) for i in cfg.get("mlp_only_layers") or [])
-    dense |= {i for i in range(layers) if step <= 0 or (i + 1) % step}
+    layers, step = integer(cfg, "num_hidden_layers", WHERE), integer(cfg, "decoder_sparse_step", WHERE, default=1)
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in only):
+        raise KilnError(f"{WHERE}: mlp_only_layers={only!r} must list layer indices 0..{layers - 1}", "fix mlp_only_layers")
+    dense = set(only) | {i for i in range(layers) if step <= 0 or (i + 1) % step}
+    # transformers 5 writes num_local_experts; checkpoints made with 4.x name it num_experts
+    experts = integer(cfg, "num_experts" if cfg.get("num_experts") else "num_local_experts", WHERE)
+    need(cfg, "norm_topk_prob", WHERE)
     moe = MoeConfig(
-        # transformers 5 writes num_local_experts; checkpoints made with 4.x name it num_experts
-        num_experts=int(cfg["num_experts"] if cfg.get("num_experts") else need(cfg, "num_local_experts", ARCH)),
-        top_k=int(need(cfg, "num_experts_per_tok", ARCH)),
-        expert_size=int(need(cfg, "moe_intermediate_size", ARCH)),
-        normalize=bool(need(cfg, "norm_topk_prob", ARCH)),
+        num_experts=experts,
+        top_k=integer(cfg, "num_experts_per_tok", WHERE, hi=experts),
+        expert_size=integer(cfg, "moe_intermediate_size", WHERE),
+        normalize=flag(cfg, "norm_topk_prob", WHERE, False),
         router="model.layers.{i}.mlp.gate.weight",
         expert="model.layers.{i}.mlp.experts.{e}.{p}.weight",
         projections=("gate_proj", "up_proj", "down_proj"),
