@@ -28,6 +28,8 @@ class CudaDecoderSession(DecoderSession):
         if cfg.kv_cache.dtype not in _DTYPES:
             raise ValueError(f"KV cache dtype {cfg.kv_cache.dtype} has no numpy type for IO binding; build float16")
 
+    cache_rows = None  # device buffers: a step binds every row (see runtime/rows.py)
+
     def _device(self, shape, dtype) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_shape_and_type(tuple(shape), dtype, "cuda", self.device_id)
 

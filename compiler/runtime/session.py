@@ -89,6 +89,12 @@ class DecoderSession:
         vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         return KVCache(batch, vals[0::2], vals[1::2], arrays)
 
+    def cache_rows(self, cache: KVCache, lo: int, hi: int) -> KVCache:
+        """Rows [lo, hi) of a cache, sharing its memory (each row is contiguous in [B, H, M, D])."""
+        views = [a[lo:hi] for a in cache._arrays]
+        vals = [ort.OrtValue.ortvalue_from_numpy(v) for v in views]
+        return KVCache(hi - lo, vals[0::2], vals[1::2], views)
+
     def binding(self, cache: KVCache) -> "Binding":
         kv, io = self.cfg.kv_cache, self.session.io_binding()
         caches = []

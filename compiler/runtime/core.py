@@ -1,0 +1,308 @@
+"""The engine core: the one generation loop behind generate(), stream(), `kiln run` and `kiln serve`.
+
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512))
+    rid = core.add_request(prompt_ids, GenerationConfig(max_new_tokens=64))  # validated here
+    while core.has_work:
+        for out in core.step(): ...        # text pieces; out.finished carries the Generation
+    core.cancel(rid)                        # freed at the next step
+
+Each step spends a token budget: every running decode first (one token each, so a long prompt
+never stalls them), then prompt chunks of the sequences still prefilling, in priority and arrival
+order (chunked prefill, as in Sarathi / vLLM). A sequence holds one row of the engine's KV cache
+(`runtime/rows.py`); a step runs only the rows that have work: the decodes as one call over their
+rows, each prefill chunk as a call over its own row, positions continuing from its past.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compiler.runtime.generation import Generation, GenerationConfig, Timing
+from compiler.runtime.rows import RowPool
+from compiler.runtime.sampling import SamplingParams, sample
+from compiler.runtime.text import TextStream
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int | None = None  # sequences running at once (KV rows); None: the engine's max_batch
+    max_num_batched_tokens: int = 512  # tokens one step feeds: all decodes, then prompt chunks
+    prefix_cache_tokens: int = 0  # KV kept for prefix reuse (0: off); CPU engines
+    prefix_block_size: int = 16  # tokens per prefix block
+
+    def __post_init__(self):
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.prefix_cache_tokens < 0 or self.prefix_block_size < 1:
+            raise ValueError("prefix_cache_tokens must be >= 0 and prefix_block_size >= 1")
+
+
+@dataclass
+class StepOutput:
+    request_id: int
+    text: str = ""  # text that became final in this step
+    finished: bool = False
+    generation: Generation | None = None  # set when finished (finish_reason stop | length | cancelled | error)
+    error: Exception | None = None  # the engine failed on this request
+
+
+@dataclass
+class _Request:
+    id: int
+    tokens: list[int]  # the prompt, then each generated token once it is fed
+    prompt_len: int
+    config: GenerationConfig
+    params: SamplingParams
+    rng: np.random.Generator
+    stops: frozenset
+    stream: TextStream
+    limit: int  # tokens it may generate: max_new_tokens, within the cache
+    priority: int = 0
+    pending: list[int] = field(default_factory=list)  # tokens to feed: the prompt's rest, then the last token
+    fed: int = 0  # tokens already in its cache row (= the position of pending[0])
+    row: int | None = None
+    cancelled: bool = False
+    gen: Generation = field(default_factory=lambda: Generation("", [], "length"))
+    t_start: float = 0.0  # first prefill call
+    t_first: float = 0.0  # first token
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < self.prompt_len
+
+
+class EngineCore:
+    def __init__(self, engine, config: SchedulerConfig | None = None):
+        self.engine, self.cfg = engine, engine.config
+        self.sched = config or SchedulerConfig()
+        rows = self.sched.max_num_seqs or self.cfg.max_batch
+        self.rows = RowPool(engine.session, rows)
+        self.samples = bool(getattr(engine.session, "samples", False))
+        self.prefix = self._prefix_cache()
+        self.waiting: list[_Request] = []
+        self.running: list[_Request] = []
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "batched_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0}
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], config: GenerationConfig, priority: int = 0) -> int:
+        """Queue a request; a bad one raises ValueError here and touches nothing else."""
+        M = self.cfg.max_seq
+        if not 0 < len(prompt_ids) < M:
+            raise ValueError(f"prompt length must be 1..{M - 1} tokens for this engine (max_seq {M}), got {len(prompt_ids)}")
+        if config.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+        if config.seed is not None and not 0 <= config.seed < 2**63:
+            raise ValueError(f"seed must be in 0..2^63-1, got {config.seed}")
+        params = SamplingParams(config.temperature, config.top_k, config.top_p)
+        stops = config.stop_token_ids if config.stop_token_ids is not None else self.cfg.generation.eos_token_ids
+        req = _Request(next(self._ids), list(prompt_ids), len(prompt_ids), config, params, np.random.default_rng(config.seed), frozenset(stops),
+                       TextStream(self.engine.text, config.stop), min(config.max_new_tokens, M - len(prompt_ids)),
+                       priority, list(prompt_ids))
+        req.gen.timing = Timing(prompt_tokens=len(prompt_ids))
+        self.waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        for req in itertools.chain(self.waiting, self.running):
+            if req.id == request_id:
+                req.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step --------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outs: list[StepOutput] = []
+        self._reap_cancelled(outs)
+        self._admit()
+        decodes = [r for r in self.running if not r.prefilling]
+        budget = max(self.sched.max_num_batched_tokens - len(decodes), 0)
+        chunks, computing = [], set()  # prefix blocks this step's chunks will complete
+        for r in sorted((r for r in self.running if r.prefilling), key=lambda r: (r.priority, r.id)):
+            self._reuse_prefix(r)
+            if computing and self._next_block(r, r.fed + self.sched.prefix_block_size) in computing:
+                continue  # another request computes this prefix right now: reuse it next step
+            n = min(r.prompt_len - r.fed, budget)
+            if n <= 0:
+                break
+            if self.prefix is not None:
+                computing.update(self._blocks(r, r.fed + n))
+            if self.prefix is not None and not r.t_start:  # its first chunk: count what reuse saved
+                self.prefix.count(r.prompt_len, r.fed)
+            chunks.append((r, n))
+            budget -= n
+        if not decodes and not chunks:
+            return outs
+        self._run(decodes, chunks, outs)
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += len(decodes)
+        self.stats["prefill_tokens"] += sum(n for _, n in chunks)
+        self.stats["batched_tokens"] = len(decodes) + sum(n for _, n in chunks)  # of the last step
+        return outs
+
+    def _reap_cancelled(self, outs: list[StepOutput]) -> None:
+        for queue in (self.waiting, self.running):
+            for req in [r for r in queue if r.cancelled]:
+                queue.remove(req)
+                req.gen.finish_reason = "cancelled"
+                self._release(req)
+                self.stats["cancelled"] += 1
+                outs.append(StepOutput(req.id, finished=True, generation=req.gen))
+
+    def _admit(self) -> None:
+        self.waiting.sort(key=lambda r: (r.priority, r.id))
+        while self.waiting and self.rows.free:
+            req = self.waiting.pop(0)
+            req.row = self.rows.acquire()
+            self.running.append(req)
+
+    # -- prefix reuse ----------------------------------------------------------------------------
+    def _prefix_cache(self):
+        """A PrefixCache over this core's rows, when asked for and the cache is host memory."""
+        from compiler.runtime.prefix_cache import PrefixCache
+
+        arrays = getattr(self.rows.cache, "_arrays", None)
+        if not self.sched.prefix_cache_tokens or not arrays or not self.rows.sliceable:
+            return None
+        blocks = max(self.sched.prefix_cache_tokens // self.sched.prefix_block_size, 1)
+        return PrefixCache([a.shape[1:4:2] for a in arrays], arrays[0].dtype, self.sched.prefix_block_size, blocks)
+
+    def _reuse_prefix(self, r: _Request) -> None:
+        """Before a prompt chunk: copy in whatever longer prefix of it is stored now (another
+        request may have computed it since this one was admitted)."""
+        if self.prefix is None or r.fed % self.prefix.block_size:
+            return
+        blocks = self.prefix.match(r.tokens[: r.prompt_len])
+        first = r.fed // self.prefix.block_size
+        if len(blocks) > first:
+            r.fed = self.prefix.load(blocks, self.rows.cache._arrays, r.row, first)
+            r.pending = r.tokens[r.fed: r.prompt_len]
+
+    def _blocks(self, r: _Request, upto: int) -> list[bytes]:
+        """Keys of the prefix blocks r completes while its cache grows from r.fed to upto tokens."""
+        from compiler.runtime.prefix_cache import block_keys
+
+        return block_keys(r.tokens, self.prefix.block_size, min(upto, r.prompt_len - 1))[r.fed // self.prefix.block_size:]
+
+    def _next_block(self, r: _Request, upto: int) -> bytes | None:
+        keys = self._blocks(r, upto)
+        return keys[0] if keys else None
+
+    def _keep_prefix(self, r: _Request) -> None:
+        if self.prefix is not None and r.fed >= self.prefix.block_size:
+            self.prefix.store(r.tokens, r.fed, self.rows.cache._arrays, r.row)
+
+    def _release(self, req: _Request) -> None:
+        if req.row is not None:
+            self.rows.release(req.row)
+            req.row = None
+
+    # -- running the engine ----------------------------------------------------------------------
+    def _run(self, decodes: list[_Request], chunks: list[tuple[_Request, int]], outs: list[StepOutput]) -> None:
+        """Feed every scheduled token; sample for each request whose input is now all in."""
+        feeds = {r.row: (r, r.pending[:1]) for r in decodes}
+        now = time.perf_counter()
+        for r, n in chunks:
+            r.t_start = r.t_start or now
+        if self.rows.sliceable:  # decodes as one call over their rows, then a call per prompt chunk
+            calls = ([feeds] if feeds else []) + [{r.row: (r, r.pending[:n])} for r, n in chunks]
+        else:  # every call binds every row anyway: one call for all
+            calls = [{**feeds, **{r.row: (r, r.pending[:n]) for r, n in chunks}}]
+        for call in calls:
+            try:
+                results = self._call(call)
+            except Exception as e:  # noqa: BLE001  (the requests of this call fail; the others go on)
+                for r, _ in call.values():
+                    self._fail(r, e, outs)
+                continue
+            for row, (r, tokens) in call.items():
+                r.fed += len(tokens)
+                r.pending = r.pending[len(tokens):]
+                if r.fed // self.sched.prefix_block_size > (r.fed - len(tokens)) // self.sched.prefix_block_size:
+                    self._keep_prefix(r)  # it completed a block
+                if not r.pending:  # its input is all in: results[row] picks its next token
+                    self._advance(r, results[row], outs)
+
+    def _call(self, call: dict[int, tuple[_Request, list[int]]]) -> dict[int, int]:
+        """One engine call over a row span; returns the next token of each row in `call`."""
+        lo, hi = self.rows.span(min(call), max(call) + 1)
+        S = max(len(t) for _, t in call.values())
+        pad, M = self.cfg.generation.pad_token_id, self.cfg.max_seq
+        by_row = {r.row: r for r in self.running}
+        ids = np.full((hi - lo, S), pad, dtype=np.int64)
+        pos = np.zeros((hi - lo, S), dtype=np.int64)
+        at = np.zeros((hi - lo, 1), dtype=np.int64)
+        for b in range(hi - lo):
+            r, tokens = call.get(lo + b) or (by_row.get(lo + b), [])
+            start = r.fed if r is not None else 0  # a row without work: a dummy at its next position,
+            ids[b, : len(tokens)] = tokens  # overwritten by that row's own next write
+            pos[b] = np.minimum(start + np.arange(S), M - 1)
+            at[b, 0] = max(len(tokens) - 1, 0)
+        io = self.rows.binding(lo, hi)
+        if self.samples:
+            toks = self.engine.session.step(io, ids, pos, at, self._sampling_inputs(call, lo, hi))
+            return {row: int(toks[row - lo]) for row in call}
+        logits = self.engine.session.step(io, ids, pos, at)[:, 0]  # [B, V]
+        out = {}
+        for row, (r, tokens) in call.items():
+            if len(tokens) == len(r.pending):  # final: sample (a non-final chunk's logits are unused)
+                out[row] = int(sample(logits[row - lo : row - lo + 1], r.params, r.rng)[0])
+        return out
+
+    def _sampling_inputs(self, call: dict, lo: int, hi: int) -> dict:
+        """kiln::Sample's per-row inputs; a row draws from its own generator only when it samples."""
+        B = hi - lo
+        t, k, p, u = np.zeros(B, np.float32), np.zeros(B, np.int64), np.ones(B, np.float32), np.zeros(B, np.float32)
+        for row, (r, tokens) in call.items():
+            b = row - lo
+            t[b], k[b], p[b] = r.params.temperature, r.params.top_k, r.params.top_p
+            if len(tokens) == len(r.pending) and not r.params.greedy:
+                u[b] = r.rng.random()
+        return {"temperature": t, "top_k": k, "top_p": p, "draws": u}
+
+    # -- after a token ---------------------------------------------------------------------------
+    def _advance(self, r: _Request, tok: int, outs: list[StepOutput]) -> None:
+        now, timing, gen = time.perf_counter(), r.gen.timing, r.gen
+        if not gen.token_ids and not r.t_first:
+            r.t_first = now
+            timing.prefill_ms = (now - r.t_start) * 1e3
+        else:
+            timing.decode_steps += 1
+            timing.decode_s = now - r.t_first
+        text, done = "", tok in r.stops
+        if not done:
+            gen.token_ids.append(tok)
+            text = r.stream.push(tok)
+            done = r.stream.stopped
+        if done:
+            gen.finish_reason = "stop"
+        done = done or len(gen.token_ids) >= r.limit
+        if done:
+            text += r.stream.finish()
+            gen.text += text
+            self._finish(r)
+            outs.append(StepOutput(r.id, text, finished=True, generation=gen))
+            return
+        gen.text += text
+        r.pending = [tok]
+        r.tokens.append(tok)
+        if text:
+            outs.append(StepOutput(r.id, text))
+
+    def _fail(self, r: _Request, error: Exception, outs: list[StepOutput]) -> None:
+        r.gen.finish_reason = "error"
+        self._finish(r)
+        outs.append(StepOutput(r.id, finished=True, generation=r.gen, error=error))
+
+    def _finish(self, r: _Request) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        self._release(r)

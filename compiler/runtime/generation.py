@@ -1,0 +1,44 @@
+"""What a generation asks for and what it returns: GenerationConfig, Generation, Timing.
+
+Plain dataclasses shared by the engine core, the Engine API and the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    stop_token_ids: tuple[int, ...] | None = None  # None = the model's eos ids
+    chat: bool = False
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"prefill {self.prompt_tokens} tok in {self.prefill_ms:.1f} ms | "
+                f"decode {self.decode_steps} tok at {self.decode_tok_s:.1f} tok/s")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" (| "cancelled" | "error" inside the engine core)
+    timing: Timing = field(default_factory=Timing)

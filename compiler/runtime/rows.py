@@ -1,0 +1,50 @@
+"""The static KV cache as a pool of rows: one row per running sequence.
+
+An engine's cache is [rows, kv_heads, max_seq, head_dim] per layer, and each row is contiguous,
+so a step can bind just the rows it needs: a decode step binds rows [0, hi) (the lowest rows are
+handed out first, so running sequences cluster there) and a prefill chunk binds its one row. A
+session that cannot bind part of its cache (CUDA, TensorRT, multi-rank) binds every row each
+step; rows without work in a bound range are fed a harmless dummy token (see `EngineCore`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+_MAX_BINDINGS = 64  # distinct row ranges kept bound (an IO binding per range)
+
+
+class RowPool:
+    def __init__(self, session, rows: int):
+        self.session, self.rows = session, rows
+        self.cache = session.new_cache(rows)
+        self.sliceable = getattr(session, "cache_rows", None) is not None
+        self._free = list(range(rows))  # a heap: the lowest free row first
+        self._bindings: OrderedDict[tuple[int, int], object] = OrderedDict()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
+
+    def release(self, row: int) -> None:
+        heapq.heappush(self._free, row)
+
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """The row range a call over rows [lo, hi) binds: itself, or every row."""
+        return (lo, hi) if self.sliceable else (0, self.rows)
+
+    def binding(self, lo: int, hi: int):
+        """An IO binding of rows [lo, hi) (a `span`), kept for reuse."""
+        key = (lo, hi)
+        io = self._bindings.pop(key, None)
+        if io is None:
+            cache = self.session.cache_rows(self.cache, lo, hi) if self.sliceable else self.cache
+            io = self.session.binding(cache)
+            if len(self._bindings) >= _MAX_BINDINGS:
+                self._bindings.popitem(last=False)
+        self._bindings[key] = io
+        return io
