@@ -109,7 +109,10 @@ class Engine:
 
     def run_rows(self, prompts: list[Prompt], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str | None]]:
         """(row, text piece) as text becomes final; (row, None) once a row is complete."""
-        ids = [self.text.prompt_ids(p, cfg.chat) for p in prompts]
+        yield from self.run_ids([self.text.prompt_ids(p, cfg.chat) for p in prompts], cfg, gens)
+
+    def run_ids(self, ids: list[list[int]], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str | None]]:
+        """run_rows for prompts already tokenized (cfg.chat is not applied again)."""
         lens = np.array([len(x) for x in ids], dtype=np.int64)
         B, S, M = len(ids), int(lens.max()), self.config.max_seq
         if B > self.config.max_batch:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming or not),
-/v1/models, /health and /metrics. Bad requests get 400 with the reason; a full queue 429; a
-stopping server 503."""
+/v1/models, /health and /metrics. Bad requests get 400 with the reason (the prompt is tokenized
+and checked against max_seq here, once); a full queue 429; a stopping server, or one whose
+engine worker has stopped, 503 (/health too). A request whose client goes away is cancelled."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compiler.runtime.engine import Engine, Generation, GenerationConfig
-from compiler.serve.batcher import Batcher, Job, Overloaded, ShuttingDown
-from compiler.serve.scheduler import Scheduler
+from compiler.serve.batcher import Batcher
+from compiler.serve.jobs import Job, Overloaded, Unavailable
 from compiler.serve.metrics import Metrics
+from compiler.serve.reply import JobStream, Reply, failure
+from compiler.serve.scheduler import Scheduler
 
 
 class _Params(BaseModel):
@@ -29,9 +32,17 @@ class _Params(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
+    n: int = 1
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported (one choice per request)")
+        return n
 
     def config(self, chat: bool) -> GenerationConfig:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -70,15 +81,21 @@ def create_app(engine: Engine, name: str, max_queue: int = 64, batching: str = "
     app = FastAPI(title="kiln serve", lifespan=lifespan)
     app.state.batcher = batcher
 
+    def refuse(endpoint: str, status: int, message: str, kind: str) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return _error(status, message, kind)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         e = exc.errors()[0]
         where = ".".join(str(x) for x in e["loc"] if x != "body")
-        metrics.requests.labels(request.url.path, "400").inc()
-        return _error(400, f"invalid request: {where}: {e['msg']}", "invalid_request_error")
+        return refuse(request.url.path, 400, f"invalid request: {where}: {e['msg']}", "invalid_request_error")
 
     @app.get("/health")
     def health():
+        if not batcher.alive:
+            return JSONResponse({"status": "dead", "queue": batcher.depth,
+                                 "detail": "the engine worker has stopped; restart the server"}, status_code=503)
         return {"status": "ok", "queue": batcher.depth}
 
     @app.get("/metrics")
@@ -90,56 +107,52 @@ def create_app(engine: Engine, name: str, max_queue: int = 64, batching: str = "
     def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "kiln"}]}
 
-    async def run(req: _Params, prompt, chat: bool, endpoint: str):
-        t0, loop = time.perf_counter(), asyncio.get_running_loop()
-        job = Job(prompt, req.config(chat), loop, asyncio.Queue())
+    async def run(request: Request, req: _Params, prompt: str | list[dict], chat: bool, endpoint: str) -> Response:
+        t0, M = time.perf_counter(), engine.config.max_seq
+        try:
+            ids = engine.text.prompt_ids(prompt, chat)
+        except ValueError as e:
+            return refuse(endpoint, 400, f"invalid request: {e}", "invalid_request_error")
+        if not 0 < len(ids) < M:
+            return refuse(endpoint, 400, f"invalid request: prompt must be 1..{M - 1} tokens for this engine "
+                                         f"(max_seq {M}), got {len(ids)}", "invalid_request_error")
+        job = Job(ids, req.config(chat), asyncio.get_running_loop(), asyncio.Queue())
         try:
             batcher.submit(job)
         except Overloaded:
-            metrics.requests.labels(endpoint, "429").inc()
-            return _error(429, "server busy: the request queue is full, retry later", "overloaded")
-        except ShuttingDown:
-            metrics.requests.labels(endpoint, "503").inc()
-            return _error(503, "server is shutting down", "unavailable")
+            return refuse(endpoint, 429, "server busy: the request queue is full, retry later", "overloaded")
+        except Unavailable as e:
+            return refuse(endpoint, 503, str(e), "unavailable")
+        reply = Reply(job, endpoint, metrics, t0)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return StreamingResponse(_sse(job, rid, chat, endpoint, t0), media_type="text/event-stream")
-        return await _whole(job, rid, chat, endpoint, t0)
+            return JobStream(_sse(reply, rid, chat), reply)
+        try:
+            return await _whole(request, reply, rid, chat)
+        finally:
+            reply.close()
 
-    async def _pieces(job: Job, endpoint: str, t0: float):
-        first = True
-        while True:
-            item = await job.out.get()
-            if isinstance(item, Exception):
-                metrics.requests.labels(endpoint, "500").inc()
-                raise item
-            if isinstance(item, Generation):
-                metrics.tokens.inc(len(item.token_ids))
-                metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-                metrics.requests.labels(endpoint, "200").inc()
-                yield item
-                return
-            if first:
-                metrics.ttft.observe(time.perf_counter() - t0)
-                first = False
-            yield item
-
-    async def _whole(job, rid, chat, endpoint, t0):
+    async def _whole(request: Request, reply: Reply, rid: str, chat: bool) -> Response:
         text, gen = "", None
-        async for item in _pieces(job, endpoint, t0):
+        async for item in reply.items(request):
+            if isinstance(item, Exception):
+                status, kind = failure(item)
+                return _error(status, str(item), kind)
             if isinstance(item, Generation):
                 gen = item
             else:
                 text += item
+        if gen is None:  # the client has gone: nobody reads this
+            return Response(status_code=499)
         choice = {"index": 0, "finish_reason": gen.finish_reason}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        n_prompt = len(engine.text.prompt_ids(job.prompt, chat))
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": name, "choices": [choice],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(gen.token_ids),
-                          "total_tokens": n_prompt + len(gen.token_ids)}}
+        n_prompt = len(reply.job.ids)
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": name, "choices": [choice],
+                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(gen.token_ids),
+                                       "total_tokens": n_prompt + len(gen.token_ids)}})
 
-    async def _sse(job, rid, chat, endpoint, t0):
+    async def _sse(reply: Reply, rid: str, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
 
@@ -156,22 +169,21 @@ def create_app(engine: Engine, name: str, max_queue: int = 64, batching: str = "
         if chat:
             yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name, "choices": [
                 {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
-        try:
-            async for item in _pieces(job, endpoint, t0):
-                if isinstance(item, Generation):
-                    yield chunk(None, item.finish_reason, {"completion_tokens": len(item.token_ids)})
-                else:
-                    yield chunk(item, None)
-        except Exception as e:  # noqa: BLE001  (the stream has started: report in-band)
-            yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
+        async for item in reply.items():
+            if isinstance(item, Exception):  # the stream has started: report in-band
+                yield "data: " + json.dumps({"error": {"message": str(item), "type": failure(item)[1]}}) + "\n\n"
+            elif isinstance(item, Generation):
+                yield chunk(None, item.finish_reason, {"completion_tokens": len(item.token_ids)})
+            else:
+                yield chunk(item, None)
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await run(req, req.prompt, False, "/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await run(request, req, req.prompt, False, "/v1/completions")
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        return await run(req, [m.model_dump() for m in req.messages], True, "/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        return await run(request, req, [m.model_dump() for m in req.messages], True, "/v1/chat/completions")
 
     return app
