@@ -9,7 +9,6 @@ and the build's time, peak memory and host.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import platform
 import resource
@@ -34,9 +33,11 @@ from compiler.frontend import models
 from compiler.memory import return_freed_memory
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.sources import resolve_source
+from compiler.fsutil import replace_dir
 from compiler.passes import PassManager, make, plugin_ops
 from compiler.recipe import Recipe
 from compiler.runtime.config import GenerationDefaults, SessionConfig
+from compiler.runtime.verify import record
 
 
 def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progress: bool = True, force: bool = False) -> dict:
@@ -110,9 +111,9 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         manifest["source"] = {"path": manifest["source"]["path"], "digest": digest, **manifest["source"]}
         card = tmp / "README.md"
         card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))
-        manifest["files"][card.name] = _sha256(card)
+        record(manifest, [card])
         (tmp / "kiln.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -164,8 +165,7 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
             "platform": platform.platform(),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
-        "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
-    }
+    } | record({}, sorted(tmp.iterdir()))  # "files": {name: sha256}, "sizes": {name: bytes}
 
 
 def _log_plugins(records: list[dict], tmp: Path, progress: bool) -> None:
@@ -278,22 +278,3 @@ def _check_tokenizer(ckpt: Checkpoint) -> None:
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise KilnError(f"{ckpt.root}: the tokenizer files do not load ({why})", "fix or re-download tokenizer.json, "
                         "tokenizer_config.json and the chat template") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Rename tmp to dest; an existing dest is moved aside first and removed after."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{time.time_ns()}")
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

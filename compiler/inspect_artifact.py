@@ -1,8 +1,9 @@
 """`kiln inspect`: an artifact's manifest and a summary of its graph (op counts, weight bytes),
 or for a TensorRT engine, its plan header (size, TensorRT version, compute-capability targets).
 
-The graph is loaded with onnx_ir, whose external tensors stay on disk: no weights are read. A
+The graph is loaded with onnx_ir, whose external tensors stay on disk: no weights are loaded. A
 TensorRT plan is not deserialised (that needs a GPU): only its 64-byte header is read.
+The artifact is verified against its kiln.json first: a tampered one is refused in one line.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.ir.builder import initializer_bytes
+from compiler.runtime.verify import ArtifactTampered, verify_artifact
 
 
 def inspect_artifact(path: Path) -> dict:
-    manifest_path = path / "kiln.json"
-    if not manifest_path.is_file():
+    """The manifest, a graph (or plan) summary and its text; the artifact is verified first."""
+    if not (path / "kiln.json").is_file():
         raise KilnError(f"{path} is not a kiln artifact (no kiln.json)", "pass a directory written by `kiln build`")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = verify_artifact(path)
+    except ArtifactTampered as e:
+        raise KilnError(f"the artifact fails verification: {e}") from None  # e names the file and the fix
     engine = json.loads((path / "engine.json").read_text())
     if engine["backend"] == "tensorrt":
         return _inspect_plan(path, manifest, engine)

@@ -222,9 +222,9 @@ def test_edited_engine_json(capsys, tmp_path, tiny_artifacts, edit, needle):
     # kiln run verifies first: the edit is tampering
     _expect_error(capsys, tmp_path, ["run", str(art), "--prompt", "hi"], "engine.json", "does not match its sha256")
     # with the manifest's digest updated too (an edit made on purpose), the engine config itself is checked
-    from compiler.runtime.verify import sha256
+    from compiler.runtime.verify import record
 
     manifest = json.loads((art / "kiln.json").read_text())
-    manifest["files"]["engine.json"] = sha256(art / "engine.json")
+    record(manifest, [art / "engine.json"])  # its sha256 and size
     (art / "kiln.json").write_text(json.dumps(manifest))
     _expect_error(capsys, tmp_path, ["run", str(art), "--prompt", "hi"], needle)

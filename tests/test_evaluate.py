@@ -106,7 +106,7 @@ def test_perturbed_checkpoint_reference(sharp, tmp_path):
 def test_reference_with_another_tokenizer(tiny_artifacts, tmp_path):
     from compiler.errors import KilnError
     from compiler.runtime import load
-    from compiler.runtime.verify import sha256
+    from compiler.runtime.verify import record
 
     ref = tmp_path / "other-tok"
     shutil.copytree(tiny_artifacts[("llama", "contrib")], ref)
@@ -118,7 +118,7 @@ def test_reference_with_another_tokenizer(tiny_artifacts, tmp_path):
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (ref / "tokenizer.json").write_text(json.dumps(tok))
     manifest = json.loads((ref / "kiln.json").read_text())  # a genuinely different artifact, not a tampered one
-    manifest["files"]["tokenizer.json"] = sha256(ref / "tokenizer.json")
+    record(manifest, [ref / "tokenizer.json"])  # its sha256 and size
     (ref / "kiln.json").write_text(json.dumps(manifest))
     with pytest.raises(KilnError, match="reference tokenizer gives different ids"):
         evaluate(tiny_artifacts[("llama", "contrib")], reference=ref, window=WINDOW, chunk=CHUNK, progress=False)

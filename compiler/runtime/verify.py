@@ -1,18 +1,38 @@
-"""Artifact integrity on load: every file `kiln.json` lists must match its recorded sha256.
+"""Artifact integrity: the directory holds exactly the files `kiln.json` lists, each with its
+recorded size and sha256.
 
-A tampered or truncated file is refused with the file's name, before any engine is created.
-(kiln.json itself is covered by the SHA256SUMS that `kiln package` writes beside the archive.)
+`kiln.json` maps `files: {name: sha256}` and `sizes: {name: bytes}`. A listing is refused when
+it is empty, names a path rather than a plain file name, or disagrees with itself; a directory
+is refused when a listed file is missing, not a regular file, of another size (checked for all
+files before any is hashed) or another digest, or when it holds anything not listed. Refusals
+name the file, before any engine is created. kiln.json itself is covered by the SHA256SUMS that
+`kiln package` writes beside the archive. An artifact built before sizes were recorded is
+refused too: `kiln build` rebuilds it (its up-to-date check fails).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import stat
 from pathlib import Path
+from typing import Iterable, NamedTuple
+
+from compiler.fsutil import is_file_name
+
+MANIFEST = "kiln.json"
+MAX_MANIFEST_BYTES = 16 << 20  # a kiln.json read from an archive or a registry, in memory
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactTampered(ValueError):
     pass
+
+
+class Listed(NamedTuple):
+    sha256: str
+    size: int
 
 
 def sha256(path: Path) -> str:
@@ -23,15 +43,74 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_artifact(path: Path) -> None:
-    manifest_path = Path(path) / "kiln.json"
-    if not manifest_path.is_file():
+def record(manifest: dict, paths: Iterable[Path]) -> dict:
+    """Add each file's sha256 and size to manifest["files"] / manifest["sizes"] (how kiln build lists them)."""
+    files, sizes = manifest.setdefault("files", {}), manifest.setdefault("sizes", {})
+    for p in paths:
+        files[p.name], sizes[p.name] = sha256(p), p.stat().st_size
+    return manifest
+
+
+def listing(manifest: object, where: object) -> dict[str, Listed]:
+    """The files a kiln.json lists, {name: Listed}, after checking the listing itself."""
+    rebuild = "re-pull or rebuild the artifact with `kiln build`"
+    if not isinstance(manifest, dict):
+        raise ArtifactTampered(f"{where}: kiln.json is not a JSON object; {rebuild}")
+    files, sizes = manifest.get("files"), manifest.get("sizes")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactTampered(f"{where}: kiln.json lists no files; {rebuild}")
+    if sizes is None:
+        raise ArtifactTampered(f"{where}: kiln.json has no file sizes (built by an older kiln); "
+                               "rebuild the artifact with `kiln build`")
+    if not isinstance(sizes, dict) or set(sizes) != set(files):
+        raise ArtifactTampered(f"{where}: kiln.json's sizes do not match its files; {rebuild}")
+    out = {}
+    for name, digest in files.items():
+        if not is_file_name(name) or name == MANIFEST:
+            raise ArtifactTampered(f"{where}: kiln.json lists {name!r}, which is not a plain file name "
+                                   f"(absolute, '..', a separator or hidden); {rebuild}")
+        size = sizes[name]
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest) or type(size) is not int or size < 0:
+            raise ArtifactTampered(f"{where}: kiln.json's entry for {name} is not a sha256 and a size; {rebuild}")
+        out[name] = Listed(digest, size)
+    return out
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file() or manifest_path.is_symlink():
         raise ArtifactTampered(f"{path} has no kiln.json: not a kiln artifact, or an incomplete copy")
-    files = json.loads(manifest_path.read_text()).get("files", {})
-    for name, digest in sorted(files.items()):
-        f = Path(path) / name
-        if not f.is_file():
-            raise ArtifactTampered(f"{path}: {name} is missing (listed in kiln.json); re-pull or rebuild the artifact")
-        if sha256(f) != digest:
+    try:
+        return json.loads(manifest_path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise ArtifactTampered(f"{path}: kiln.json is not valid JSON ({e}); re-pull or rebuild the artifact") from None
+
+
+def verify_artifact(path: Path) -> dict:
+    """Check the directory against its kiln.json (see the module docstring); returns the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = listing(manifest, path)
+    for entry in sorted(path.iterdir()):
+        if entry.name != MANIFEST and entry.name not in files:
+            raise ArtifactTampered(f"{path}: {entry.name} is not listed in kiln.json (an added file); "
+                                   "remove it, or re-pull or rebuild the artifact")
+    for name, (_, size) in sorted(files.items()):
+        try:
+            st = (path / name).lstat()
+        except FileNotFoundError:
+            raise ArtifactTampered(f"{path}: {name} is missing (listed in kiln.json); re-pull or rebuild the artifact") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactTampered(f"{path}: {name} is not a regular file (a link or a directory); re-pull or rebuild the artifact")
+        if st.st_size != size:
+            raise ArtifactTampered(f"{path}: {name} does not match its sha256 in kiln.json: it is {st.st_size} bytes, "
+                                   f"not {size} (tampered or truncated); re-pull or rebuild the artifact")
+    for name, (digest, _) in sorted(files.items()):
+        if sha256(path / name) != digest:
             raise ArtifactTampered(f"{path}: {name} does not match its sha256 in kiln.json (tampered or corrupt); "
                                    "re-pull or rebuild the artifact")
+    return manifest
+
+
+__all__ = ["ArtifactTampered", "Listed", "MANIFEST", "MAX_MANIFEST_BYTES", "listing", "read_manifest", "record",
+           "sha256", "verify_artifact"]
