@@ -1,11 +1,12 @@
 """Publishing round trips against the real thing: Debian's docker-registry on loopback (OCI, via
-ORAS) and a directory; pulls are verified before they land, and a damaged archive is refused."""
+ORAS; open, and behind htpasswd auth) and a directory; pulls are verified before they land, a
+damaged archive is refused, and an unreachable registry or wrong password fails in one line."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,31 +17,7 @@ from compiler.cli import main
 from compiler.errors import KilnError
 from compiler.publish import pull
 from compiler.runtime import load
-
-REGISTRY = shutil.which("docker-registry") or shutil.which("registry")
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    if REGISTRY is None:
-        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
-    root = tmp_path_factory.mktemp("registry")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (root / "config.yml").write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-                                     f"http:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen([REGISTRY, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v2/"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+from tests.publish.registry import PASSWORD, USER, free_port
 
 
 @pytest.fixture
@@ -98,3 +75,58 @@ def test_make_publish_round_trip(registry):
     out = subprocess.run(["make", "-s", "publish", f"PUBLISH={registry}/ci", "TAG=t1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "smollm2-135m: verified, loaded, generated" in out.stdout
+
+
+def _one_line(capsys, argv: list[str], *needles: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kiln: error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.fixture
+def no_docker_config(tmp_path, monkeypatch):
+    """An empty HOME and DOCKER_CONFIG: whatever a run writes there is seen (and none is read)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DOCKER_CONFIG", str(home / ".docker"))
+    return home
+
+
+def test_authenticated_publish_and_pull(auth_registry, artifact, tmp_path, capsys, monkeypatch, no_docker_config):
+    """Issue 13 #4: login crashed (oras has no `insecure=` on login); credentials stay in memory."""
+    monkeypatch.setenv("KILN_REGISTRY_USERNAME", USER)
+    monkeypatch.setenv("KILN_REGISTRY_PASSWORD", PASSWORD)
+    ref = f"{auth_registry}/kiln/private:v1"
+    assert main(["publish", str(artifact), ref]) == 0
+    assert main(["pull", ref, str(tmp_path / "pulled")]) == 0
+    out = capsys.readouterr()
+    assert PASSWORD not in out.out + out.err
+    assert load(tmp_path / "pulled" / "llama-contrib").generate("Hi", max_new_tokens=3).token_ids
+    assert list(no_docker_config.rglob("*")) == []  # no docker config written (oras's login() would)
+
+
+def test_wrong_or_missing_credentials_are_one_line(auth_registry, artifact, tmp_path, capsys, monkeypatch, no_docker_config):
+    ref = f"{auth_registry}/kiln/private:v2"
+    t0 = time.monotonic()
+    _one_line(capsys, ["publish", str(artifact), ref], "needs credentials", "KILN_REGISTRY_USERNAME")
+    monkeypatch.setenv("KILN_REGISTRY_USERNAME", USER)
+    monkeypatch.setenv("KILN_REGISTRY_PASSWORD", "not-the-" + PASSWORD)
+    err = _one_line(capsys, ["publish", str(artifact), ref], f"registry {auth_registry} refused the credentials")
+    err += _one_line(capsys, ["pull", ref, str(tmp_path / "pulled")], "refused the credentials")
+    assert PASSWORD not in err and USER not in err
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "pulled" / "llama-contrib").exists()
+
+
+def test_unreachable_registry_fails_fast(artifact, tmp_path, capsys):
+    """Issue 13 #11: 132 s of retries, then a traceback; now one line naming what was tried."""
+    host = f"127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    _one_line(capsys, ["pull", f"{host}/kiln/x:v1", str(tmp_path / "d")], f"registry {host} is not reachable", "TCP connect")
+    _one_line(capsys, ["publish", str(artifact), f"{host}/kiln/x:v1"], "is not reachable", "check that the registry is running")
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
