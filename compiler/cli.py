@@ -117,12 +117,18 @@ def _serve(args) -> int:
     engine = load(args.artifact, threads=args.threads)
     if getattr(engine.config, "task", "generate") != "generate":
         raise ValueError(f"{args.artifact} is not a text generator; kiln serve serves decoder artifacts")
+    from compiler.runtime.core import SchedulerConfig
+
     name = args.name or Path(args.artifact).resolve().name
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            kv_cache_gib=args.kv_cache_gib, prefix_cache_tokens=args.prefix_cache_tokens)
+    app = create_app(engine, name, args.max_queue, sched)
     if not args.quiet:
-        print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_batch {engine.config.max_batch}, "
-              f"{args.batching} batching, queue {args.max_queue})", file=sys.stderr)
-    uvicorn.run(create_app(engine, name, args.max_queue, args.batching), host=args.host, port=args.port,
-                log_level="warning" if args.quiet else "info")
+        core = app.state.batcher.core
+        print(f"serving {name} on http://{args.host}:{args.port}/v1 ({core.rows.rows} KV rows of {engine.config.max_seq} "
+              f"tokens, {sched.max_num_batched_tokens} tokens a step, prefix cache "
+              f"{sched.prefix_cache_tokens if core.prefix else 0} tokens, queue {args.max_queue})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
 
 
@@ -200,6 +206,13 @@ def _import(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Compile Hugging Face checkpoints into inference engines.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,8 +258,12 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--name", help="model id in the API (default: the artifact's directory name)")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get HTTP 429")
-    sv.add_argument("--batching", choices=["inflight", "static"], default="inflight",
-                    help="inflight: requests join the running batch; static: whole batches")
+    sv.add_argument("--max-num-seqs", type=_positive, help="sequences generated at once (KV rows; default: the engine's max_batch)")
+    sv.add_argument("--max-num-batched-tokens", type=_positive, default=512,
+                    help="tokens one engine step feeds: every running decode, then prompt chunks (default 512)")
+    sv.add_argument("--kv-cache-gib", type=float, help="memory budget for the KV rows (fewer rows if it holds fewer)")
+    sv.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                    help="KV of shared prompt prefixes kept for reuse, in tokens (0: off; CPU engines)")
     sv.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
     pb = cmd("publish", _publish, "push an artifact to an OCI registry (ORAS) or a directory")
     pb.add_argument("artifact")

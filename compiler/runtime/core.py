@@ -30,6 +30,7 @@ from compiler.runtime.text import TextStream
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int | None = None  # sequences running at once (KV rows); None: the engine's max_batch
+    kv_cache_gib: float | None = None  # a memory budget for the KV rows: fewer rows if it holds fewer
     max_num_batched_tokens: int = 512  # tokens one step feeds: all decodes, then prompt chunks
     prefix_cache_tokens: int = 0  # KV kept for prefix reuse (0: off); CPU engines
     prefix_block_size: int = 16  # tokens per prefix block
@@ -39,6 +40,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.prefix_cache_tokens < 0 or self.prefix_block_size < 1:
             raise ValueError("prefix_cache_tokens must be >= 0 and prefix_block_size >= 1")
 
@@ -81,8 +84,7 @@ class EngineCore:
     def __init__(self, engine, config: SchedulerConfig | None = None):
         self.engine, self.cfg = engine, engine.config
         self.sched = config or SchedulerConfig()
-        rows = self.sched.max_num_seqs or self.cfg.max_batch
-        self.rows = RowPool(engine.session, rows)
+        self.rows = RowPool(engine.session, self._row_count())
         self.samples = bool(getattr(engine.session, "samples", False))
         self.prefix = self._prefix_cache()
         self.waiting: list[_Request] = []
@@ -90,9 +92,27 @@ class EngineCore:
         self._ids = itertools.count()
         self.stats = {"steps": 0, "batched_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0}
 
+    def _row_count(self) -> int:
+        """max_num_seqs (engines that bind every row at once: at most their max_batch), within
+        the KV budget."""
+        rows = self.sched.max_num_seqs or self.cfg.max_batch
+        if getattr(self.engine.session, "cache_rows", None) is None:
+            rows = min(rows, self.cfg.max_batch)
+        kv = self.cfg.kv_cache
+        if self.sched.kv_cache_gib is not None and kv is not None:
+            row_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.max_seq * kv.head_dim * np.dtype(kv.dtype).itemsize
+            fit = int(self.sched.kv_cache_gib * 2**30 // row_bytes)
+            if fit < 1:
+                raise ValueError(f"a KV budget of {self.sched.kv_cache_gib} GiB holds no sequence of max_seq {kv.max_seq} "
+                                 f"({row_bytes / 2**30:.3f} GiB each); raise it")
+            rows = min(rows, fit)
+        return rows
+
     # -- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], config: GenerationConfig, priority: int = 0) -> int:
-        """Queue a request; a bad one raises ValueError here and touches nothing else."""
+    def add_request(self, prompt_ids: list[int], config: GenerationConfig, priority: int = 0,
+                    rng: np.random.Generator | None = None) -> int:
+        """Queue a request (lower priority values run first; then arrival order). A bad one raises
+        ValueError here and touches nothing else. rng: its sampler (default: seeded by config.seed)."""
         M = self.cfg.max_seq
         if not 0 < len(prompt_ids) < M:
             raise ValueError(f"prompt length must be 1..{M - 1} tokens for this engine (max_seq {M}), got {len(prompt_ids)}")
@@ -102,7 +122,7 @@ class EngineCore:
             raise ValueError(f"seed must be in 0..2^63-1, got {config.seed}")
         params = SamplingParams(config.temperature, config.top_k, config.top_p)
         stops = config.stop_token_ids if config.stop_token_ids is not None else self.cfg.generation.eos_token_ids
-        req = _Request(next(self._ids), list(prompt_ids), len(prompt_ids), config, params, np.random.default_rng(config.seed), frozenset(stops),
+        req = _Request(next(self._ids), list(prompt_ids), len(prompt_ids), config, params, rng or np.random.default_rng(config.seed), frozenset(stops),
                        TextStream(self.engine.text, config.stop), min(config.max_new_tokens, M - len(prompt_ids)),
                        priority, list(prompt_ids))
         req.gen.timing = Timing(prompt_tokens=len(prompt_ids))

@@ -1,63 +1,27 @@
 """`load(artifact_dir)` and the Engine's `generate()` / `stream()`.
 
-A batch of prompts is right-padded into one prefill; each sequence then writes its cache at
-its own position (position_ids carry it), and masks keep every row to its own tokens, so a
-batch gives each prompt the tokens it would get alone. Streaming and non-streaming share one
-loop: `generate()` is the concatenation of what `stream()` yields.
+Both drive the engine core (`runtime/core.py`), the one generation loop kiln has: a batch of
+prompts becomes requests that are prefilled in chunks and decoded together, each in its own
+cache row, so a batch gives each prompt the tokens it would get alone. `generate()` is the
+concatenation of what `stream()` yields. A batch larger than the engine's max_batch queues.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from compiler.runtime.config import EngineConfig
-from compiler.runtime.sampling import SamplingParams, sample
+from compiler.runtime.generation import Generation, GenerationConfig, Timing
 from compiler.runtime.session import DecoderSession
-from compiler.runtime.text import Text, TextStream
+from compiler.runtime.text import Text
 
 Prompt = str | list[dict]  # plain text, or chat messages
 
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
-    stop_token_ids: tuple[int, ...] | None = None  # None = the model's eos ids
-    chat: bool = False
-
-
-@dataclass
-class Timing:
-    prompt_tokens: int = 0
-    prefill_ms: float = 0.0
-    decode_steps: int = 0
-    decode_s: float = 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
-
-    def summary(self) -> str:
-        return (f"prefill {self.prompt_tokens} tok in {self.prefill_ms:.1f} ms | "
-                f"decode {self.decode_steps} tok at {self.decode_tok_s:.1f} tok/s")
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-    timing: Timing = field(default_factory=Timing)
+__all__ = ["Engine", "Generation", "GenerationConfig", "Prompt", "Timing", "load"]
 
 
 class Engine:
@@ -85,97 +49,43 @@ class Engine:
     def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **kw) -> Generation | list[Generation]:
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
-        gens = [Generation("", [], "length") for _ in batch]
-        for i, piece in self.run_rows(batch, _config(config, kw), gens):
-            if piece is not None:
-                gens[i].text += piece
-        return gens[0] if single else gens
+        gens: dict[int, Generation] = {}
+        for i, piece, gen in self._run(batch, _config(config, kw)):
+            if gen is not None:
+                gens[i] = gen
+        return gens[0] if single else [gens[i] for i in range(len(batch))]
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **kw) -> Iterator[str]:
-        """Yields text pieces of one prompt as they become final; `last_timing` holds the timing."""
-        gens = [Generation("", [], "length")]
-        for _, piece in self.run_rows([prompt], _config(config, kw), gens):
-            if piece is not None:
+        """Yields text pieces of one prompt as they become final; `last_generation` holds the
+        whole Generation (and its timing) once the stream ends."""
+        for _, piece, gen in self._run([prompt], _config(config, kw)):
+            if piece:
                 yield piece
-        self.last_generation = gens[0]
+            if gen is not None:
+                self.last_generation = gen
 
-    # -- the loop -------------------------------------------------------------------------
-    def _picker(self, io, params: SamplingParams, rng: np.random.Generator, B: int):
-        """(ids, positions[, logits_positions]) -> next token per row [B]: sampled inside an engine
-        that ends in kiln::Sample (only token ids leave it), else on the host from the logits."""
-        if getattr(self.session, "samples", False):
-            return lambda ids, pos, at=None: self.session.step(io, ids, pos, at, _sampling_inputs(params, rng, B)).copy()
-        return lambda ids, pos, at=None: sample(self.session.step(io, ids, pos, at)[:, -1], params, rng)
+    def core(self, config=None):
+        """An engine core over this engine (add_request / step / cancel): see runtime/core.py."""
+        from compiler.runtime.core import EngineCore
 
-    def run_rows(self, prompts: list[Prompt], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str | None]]:
-        """(row, text piece) as text becomes final; (row, None) once a row is complete."""
-        yield from self.run_ids([self.text.prompt_ids(p, cfg.chat) for p in prompts], cfg, gens)
+        return EngineCore(self, config)
 
-    def run_ids(self, ids: list[list[int]], cfg: GenerationConfig, gens: list[Generation]) -> Iterator[tuple[int, str | None]]:
-        """run_rows for prompts already tokenized (cfg.chat is not applied again)."""
-        lens = np.array([len(x) for x in ids], dtype=np.int64)
-        B, S, M = len(ids), int(lens.max()), self.config.max_seq
-        if B > self.config.max_batch:
-            raise ValueError(f"{B} prompts exceed this engine's max_batch {self.config.max_batch}")
-        if S >= M or lens.min() == 0:
-            raise ValueError(f"prompt length must be 1..{M - 1} tokens for this engine (max_seq {M}), got {S}")
-        params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p)
-        rng = np.random.default_rng(cfg.seed)
-        stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else self.config.generation.eos_token_ids)
-        streams = [TextStream(self.text, cfg.stop) for _ in range(B)]
-        max_new = min(cfg.max_new_tokens, M - S)
-        timing = Timing(prompt_tokens=int(lens.sum()))
-        for g in gens:
-            g.timing = timing
+    def _run(self, prompts: list[Prompt], cfg: GenerationConfig) -> Iterator[tuple[int, str, Generation | None]]:
+        """(index, text piece, the Generation once it is complete) for a batch of prompts."""
+        from compiler.runtime.core import SchedulerConfig
 
-        cache = self.session.new_cache(B)
-        io = self.session.binding(cache)
-        pad = self.config.generation.pad_token_id
-        input_ids = np.array([x + [pad] * (S - len(x)) for x in ids], dtype=np.int64)  # [B, S]
-        next_tokens = self._picker(io, params, rng, B)
-        t0 = time.perf_counter()
-        nxt = next_tokens(input_ids, np.broadcast_to(np.arange(S), (B, S)), (lens - 1)[:, None])  # [B]
-        timing.prefill_ms = (time.perf_counter() - t0) * 1e3
-
-        active = np.ones(B, dtype=bool)
-        pos = lens.copy()  # where each row's next token goes
-        t1 = time.perf_counter()
-        for step in range(max_new):
-            for b in np.flatnonzero(active):
-                tok = int(nxt[b])
-                if tok not in stops:
-                    gens[b].token_ids.append(tok)
-                    piece = streams[b].push(tok)
-                    if piece:
-                        yield b, piece
-                if tok in stops or streams[b].stopped:
-                    active[b], gens[b].finish_reason = False, "stop"
-                    yield from _close(streams[b], b)
-            if not active.any() or step == max_new - 1:
-                break
-            feed = np.where(active, nxt, pad)[:, None]
-            nxt = next_tokens(feed, np.minimum(pos, M - 1)[:, None])
-            pos += active
-            timing.decode_steps += 1
-        timing.decode_s = time.perf_counter() - t1
-        for b in np.flatnonzero(active):  # rows that ran to the length limit
-            yield from _close(streams[b], b)
-
-
-def _sampling_inputs(params: SamplingParams, rng: np.random.Generator, B: int) -> dict:
-    """kiln::Sample's inputs for one step: the same settings per row, and one uniform draw per
-    row taken from rng exactly as the host sampler takes it (none when greedy)."""
-    draws = np.zeros(B, np.float32) if params.greedy else rng.random(B).astype(np.float32)
-    return {"temperature": np.full(B, params.temperature, np.float32), "top_k": np.full(B, params.top_k, np.int64),
-            "top_p": np.full(B, params.top_p, np.float32), "draws": draws}
-
-
-def _close(stream: TextStream, b: int) -> Iterator[tuple[int, str | None]]:
-    """A finished row: its held-back text, then (b, None) to say it is complete."""
-    rest = stream.finish()
-    if rest:
-        yield b, rest
-    yield b, None
+        ids = [self.text.prompt_ids(p, cfg.chat) for p in prompts]
+        core = self.core(SchedulerConfig(max_num_seqs=min(len(ids), self.config.max_batch),
+                                         max_num_batched_tokens=max(self.config.max_seq, len(ids))))
+        # one generator per prompt: a seeded batch samples each row differently, a single prompt
+        # exactly as its seed says
+        seeds = [cfg.seed] if len(ids) == 1 or cfg.seed is None else np.random.SeedSequence(cfg.seed).spawn(len(ids))
+        rids = {core.add_request(x, cfg, rng=np.random.default_rng(seeds[min(i, len(seeds) - 1)])): i for i, x in enumerate(ids)}
+        while core.has_work:
+            for out in core.step():
+                if out.error is not None:
+                    raise out.error
+                yield rids[out.request_id], out.text, out.generation if out.finished else None
 
 
 def _config(config: GenerationConfig | None, kw: dict) -> GenerationConfig:

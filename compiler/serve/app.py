@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from compiler.runtime.core import SchedulerConfig
 from compiler.runtime.engine import Engine, Generation, GenerationConfig
-from compiler.serve.batcher import Batcher
 from compiler.serve.jobs import Job, Overloaded, Unavailable
 from compiler.serve.metrics import Metrics
 from compiler.serve.reply import JobStream, Reply, failure
@@ -67,11 +67,11 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def create_app(engine: Engine, name: str, max_queue: int = 64, batching: str = "inflight") -> FastAPI:
-    """batching: "inflight" (requests join a running batch, answered as they finish) or
-    "static" (waiting requests with the same settings form whole batches)."""
-    batcher = Scheduler(engine, max_queue) if batching == "inflight" else Batcher(engine, max_queue)
+def create_app(engine: Engine, name: str, max_queue: int = 64, scheduler: SchedulerConfig | None = None) -> FastAPI:
+    """Requests join the running batch as KV rows free up and are answered as they finish;
+    scheduler: rows, the per-step token budget and the prefix cache (runtime/core.py)."""
     metrics = Metrics()
+    batcher = Scheduler(engine, max_queue, scheduler, metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -101,6 +101,7 @@ def create_app(engine: Engine, name: str, max_queue: int = 64, batching: str = "
     @app.get("/metrics")
     def prometheus():
         metrics.queue.set(batcher.depth)
+        metrics.engine_state(batcher.core)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

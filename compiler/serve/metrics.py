@@ -1,12 +1,14 @@
 """Prometheus metrics of the server: requests by endpoint and status, requests cancelled because
 the client went away, generated tokens, request latency and time to first token (histograms),
-queue depth."""
+queue depth; the engine core's running and waiting sequences, KV rows in use and free, prefix
+cache hit rate and blocks, and the tokens each step feeds (histogram)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class Metrics:
@@ -20,6 +22,24 @@ class Metrics:
                                  registry=self.registry)
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "time to first token", buckets=_BUCKETS, registry=self.registry)
         self.queue = Gauge("kiln_queue_depth", "requests waiting for the engine", registry=self.registry)
+        self.step_tokens = Histogram("kiln_step_batched_tokens", "tokens fed to the engine in one step",
+                                     buckets=_TOKEN_BUCKETS, registry=self.registry)
+        gauge = {name: Gauge(f"kiln_{name}", text, registry=self.registry) for name, text in (
+            ("running_sequences", "sequences holding a KV row"), ("waiting_sequences", "requests waiting for a KV row"),
+            ("kv_rows_used", "KV cache rows in use"), ("kv_rows_free", "KV cache rows free"),
+            ("prefix_cache_hit_rate", "share of prompt tokens loaded from the prefix cache"),
+            ("prefix_cache_blocks_used", "prefix cache blocks holding a prefix"))}
+        self.gauges = gauge
+
+    def engine_state(self, core) -> None:
+        """Set the engine core's gauges (at scrape time)."""
+        g, rows = self.gauges, core.rows
+        g["running_sequences"].set(len(core.running))
+        g["waiting_sequences"].set(len(core.waiting))
+        g["kv_rows_used"].set(rows.rows - rows.free)
+        g["kv_rows_free"].set(rows.free)
+        g["prefix_cache_hit_rate"].set(core.prefix.hit_rate if core.prefix else 0.0)
+        g["prefix_cache_blocks_used"].set(core.prefix.used_blocks if core.prefix else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,7 +12,6 @@ import pytest
 
 from compiler.runtime import load
 from compiler.runtime.engine import Generation, GenerationConfig
-from compiler.serve.batcher import Batcher
 from compiler.serve.jobs import Job
 from compiler.serve.scheduler import Scheduler
 from tests.serve.loopback import Gate, Server, post_raw, read_until, sse, wait_for
@@ -28,10 +27,9 @@ async def _outcome(job: Job) -> Generation | Exception:
             return item
 
 
-@pytest.mark.parametrize("kind", [Scheduler, Batcher])
-def test_a_failing_request_gets_its_error_and_the_worker_goes_on(tiny_artifacts, kind):
+def test_a_failing_request_gets_its_error_and_the_worker_goes_on(tiny_artifacts):
     engine = load(tiny_artifacts[("llama", "contrib")])
-    worker = kind(engine)
+    worker = Scheduler(engine)
     step, failed = engine.session.step, []
 
     def step_failing_once(*args, **kwargs):
@@ -72,9 +70,8 @@ class _Crash(BaseException):
     """Not an Exception: gets past the loops' per-request handlers and ends the worker thread."""
 
 
-@pytest.mark.parametrize("batching", ["inflight", "static"])
-def test_a_dead_worker_shows_in_health_answers_requests_and_the_server_stops(tiny_artifacts, batching):
-    s = Server(tiny_artifacts[("llama", "contrib")], batching=batching)
+def test_a_dead_worker_shows_in_health_answers_requests_and_the_server_stops(tiny_artifacts):
+    s = Server(tiny_artifacts[("llama", "contrib")])
 
     def crash(*args, **kwargs):
         raise _Crash()
@@ -106,15 +103,14 @@ def _steps_to_finish(s: Server, c: httpx.Client, gate: Gate) -> int:
     gate.release()
     r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
     assert r.status_code == 200, r.text
-    wait_for(lambda: s.batcher.depth == 0 and not any(getattr(s.batcher, "slots", [])), "the worker to go idle")
+    wait_for(lambda: s.batcher.depth == 0 and not s.batcher.running, "the worker to go idle")
     return gate.steps - before
 
 
-@pytest.mark.parametrize("batching", ["inflight", "static"])
-def test_clients_that_hang_up_are_cancelled_and_free_the_engine(tiny_artifacts, batching):
+def test_clients_that_hang_up_are_cancelled_and_free_the_engine(tiny_artifacts):
     """Two streams and two plain requests (as many as the engine's rows) hang up while the engine
     is held: each is cancelled and counted, and the engine does not generate their 200 tokens."""
-    s = Server(tiny_artifacts[("llama", "contrib")], batching=batching)
+    s = Server(tiny_artifacts[("llama", "contrib")])
     assert s.engine.generate(LONG, max_new_tokens=MAX_TOKENS).finish_reason == "length"
     gate = Gate(s.engine.session, budget=0)
     try:
@@ -146,7 +142,7 @@ def test_streams_dropped_mid_stream_free_their_slots(tiny_artifacts):
             for sock in socks:
                 read_until(sock, b"data: {")
             wait_for(gate.waiting, "the engine to use its step budget")
-            assert len(s.batcher.slots) == 4 and all(s.batcher.slots)  # all four are still generating
+            assert s.batcher.running == 4 and s.batcher.core.rows.free == 0  # all four are still generating
             for sock in socks:
                 sock.close()
             wait_for(lambda: _cancelled(c) == 4, "4 cancelled requests in /metrics")

@@ -8,14 +8,19 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from compiler.runtime.core import SchedulerConfig
 from tests.serve.loopback import Server, sse as _sse
 
 PROMPTS = ["The river", "Once upon a time", "In the beginning the", "Numbers like 42"]
 
 
-@pytest.fixture(scope="module", params=["inflight", "static"])
+# the defaults, and small prompt chunks with a small prefix cache (every prompt spans several steps)
+SCHEDULERS = {"default": None, "chunked": SchedulerConfig(max_num_batched_tokens=6, prefix_cache_tokens=256, prefix_block_size=2)}
+
+
+@pytest.fixture(scope="module", params=list(SCHEDULERS))
 def server(tiny_artifacts, request):
-    s = Server(tiny_artifacts[("llama", "contrib")], batching=request.param)
+    s = Server(tiny_artifacts[("llama", "contrib")], scheduler=SCHEDULERS[request.param])
     yield s
     s.stop()
 
@@ -114,9 +119,8 @@ def test_concurrent_streams_are_batched_and_complete(server):
         assert events[-1] == {"done": True} and text == solo[prompt]
 
 
-@pytest.mark.parametrize("batching", ["inflight", "static"])
-def test_full_queue_answers_429_not_a_crash(tiny_artifacts, batching):
-    s = Server(tiny_artifacts[("llama", "contrib")], max_queue=1, batching=batching)
+def test_full_queue_answers_429_not_a_crash(tiny_artifacts):
+    s = Server(tiny_artifacts[("llama", "contrib")], max_queue=1)
     try:
         with httpx.Client(base_url=s.url, timeout=120) as c, ThreadPoolExecutor(16) as pool:
             codes = list(pool.map(lambda _: c.post("/v1/completions", json={"prompt": "Long story", "max_tokens": 48}).status_code,
@@ -127,14 +131,13 @@ def test_full_queue_answers_429_not_a_crash(tiny_artifacts, batching):
     assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
 
 
-def test_prompt_fed_token_by_token_survives_the_batch_draining(tiny_artifacts):
-    """A long prompt arrives while a short request decodes, so it is fed a token a step; the
-    short request ends (40 tokens) before the prompt is in (~100 tokens). The rest of the
-    prompt must still go in one token at a time: the fused attention takes several new tokens
-    only without past context."""
+def test_prompt_chunked_beside_a_decode_survives_the_batch_draining(tiny_artifacts):
+    """A long prompt arrives while a short request decodes, so it is prefilled in chunks between
+    the decode steps; the short request ends (40 tokens) before the prompt is in (~100 tokens at
+    4 a step). The rest of the prompt still goes in chunk by chunk, after past context."""
     from tests.conftest import english_text
 
-    s = Server(tiny_artifacts[("llama", "contrib")])
+    s = Server(tiny_artifacts[("llama", "contrib")], scheduler=SchedulerConfig(max_num_batched_tokens=5))
     long_prompt = english_text()[3000:3400]
     try:
         want = s.engine.generate(long_prompt, max_new_tokens=8).text
