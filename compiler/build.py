@@ -102,12 +102,12 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         gc.collect()
         # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
         quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization and recipe.backend == "onnxruntime" else None
+        _log_plugins(plugin_records, tmp, progress)  # before the manifest hashes build.log
         manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
         manifest["task"], manifest["build_key"] = engine.task, build_key
         if lay is not None:
             manifest["parallel"] = build_ranks.manifest_section(engine, arch, cfg, ckpt, recipe.max_seq)
         manifest["plugins"] = plugin_records
-        _log_plugins(plugin_records, tmp, progress)
         manifest["source"] = {"path": manifest["source"]["path"], "digest": digest, **manifest["source"]}
         card = tmp / "README.md"
         card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))
