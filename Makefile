@@ -72,8 +72,12 @@ bench-plugins: setup   ## plugin kernels vs torch eager and the bandwidth bound 
 bench-gpu: setup model   ## ONNX Runtime CUDA engines vs transformers on a GPU (needs kiln[cuda]); see docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_gpu.py --out bench-results/bench-gpu.json
 
-bench-serve: setup model smollm2-135m   ## kiln serve: 32 streaming clients for 60 s on loopback
-	$(BIN)/python benchmarks/bench_serve.py --artifact artifacts/smollm2-135m --out bench-results/bench-serve.json
+# SCENARIOS=a,b,c,d PEER=vllm|none; the vLLM peer is installed into .cache/peers/vllm on first use
+SCENARIOS ?= a,b,c,d
+PEER ?= vllm
+bench-serve: setup model smollm2-135m   ## kiln serve vs vLLM's CPU build: 4 streaming scenarios on loopback, interleaved
+	$(BIN)/python benchmarks/bench_serve.py --artifact artifacts/smollm2-135m --recipe recipes/smollm2-135m.yaml \
+		--scenarios $(SCENARIOS) --peer $(PEER) --out bench-results/bench-serve.json
 
 clean:
 	rm -rf artifacts/*/ bench-results

@@ -1,17 +1,40 @@
-"""`make bench-serve`: kiln serve under 32 concurrent streaming clients for 60 s on loopback.
+"""`make bench-serve`: kiln serve against vLLM's CPU build, same checkpoint, fp32, same threads.
 
-Starts `kiln serve` on the SmolLM2 artifact in its own process, measures one client alone, then
-N clients each sending streaming completions back to back for the duration. Reports failed or
-truncated responses (no finish_reason or no [DONE]), p50/p99 time to first token, and aggregate
-generated tok/s against the single client's, as a table and bench-results/bench-serve.json.
+Scenarios (streaming /v1/completions, temperature 0, the same prompts and max_tokens for both):
+  a  1 client, 128-token prompt, 128 new tokens (4 requests, one after another)
+  b  8 clients, prompts of 500-1000 tokens, 64 new (16 requests)
+  c  32 clients, 128-token prompts, 64 new (64 requests)
+  d  16 clients arriving together, one request each: a shared 500-token prefix and a short suffix
+     of its own, 64 new
+
+Interleaved: for each scenario kiln runs, then vLLM; each server is started fresh for the scenario
+(so no prefix cache carries over) and stopped before the other starts, so never both compute at
+once. Both get the same number of sequences in flight (--max-num-seqs, 8 by default: vLLM's
+--max-num-seqs; kiln's --max-num-seqs when `kiln serve --help` lists it, and an artifact with at
+least that max_batch either way); the rest queue. kiln --threads N, vLLM
+VLLM_CPU_OMP_THREADS_BIND=0-(N-1).
+
+Prompts are cut from offline text (the stdlib's pydoc_data.topics) to exact token lengths measured
+with the checkpoint's tokenizer.json (the servers add no BOS for this tokenizer; vLLM's reported
+prompt_tokens are checked against it). Neither server is told to ignore EOS (kiln cannot), so a
+request may end early; tokens are counted from usage.completion_tokens (kiln's last chunk; vLLM's
+usage chunk via stream_options.include_usage) and early ends are reported as "short".
+
+Per server and scenario: TTFT p50/p99, inter-token latency p50/p99 (gaps between streamed chunks
+that carry text, pooled over requests), aggregate generated tok/s (completion tokens of complete
+responses over the scenario's wall time), failed or truncated responses (HTTP error, error event,
+no finish_reason, no usage or no [DONE]), and kiln/vLLM ratios; for (d) also the first request's
+TTFT against the median of the later ones. Table on stdout, JSON at --out with the machine.
+All traffic is to 127.0.0.1; every loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
+import os
+import platform
+import queue
 import sys
 import threading
 import time
@@ -19,104 +42,401 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from tokenizers import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import (VLLM_VENV, KilnServer, PeerUnavailable, Server, VllmServer, ensure_vllm,  # noqa: E402
+                   kiln_artifact_for, kiln_serve_options)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["Write a short note about rivers.", "Explain what a compiler does.", "List three colours and why they matter.",
-           "Tell me about the moon."]
 
 
-def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
-    t0, ttft, tokens, finish, done = time.perf_counter(), None, 0, None, False
-    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "stream": True}
+# ---------------------------------------------------------------- prompts from offline text
+
+class PromptSource:
+    """Exact-length prompts cut from pydoc_data.topics, each from text not used before."""
+
+    def __init__(self, tokenizer_json: Path):
+        from pydoc_data.topics import topics
+        self.tok = Tokenizer.from_file(str(tokenizer_json))
+        corpus = "\n\n".join(topics[k].strip() for k in sorted(topics))
+        self.ids = self.tok.encode(corpus, add_special_tokens=False).ids
+        self.cursor = 0
+
+    def count(self, text: str) -> int:
+        return len(self.tok.encode(text).ids)  # as a server counts a completion prompt
+
+    def take(self, n: int) -> str:
+        """A text of exactly n tokens from the next unused stretch of the corpus."""
+        for shift in range(64):
+            start = self.cursor + shift
+            m = n
+            for _ in range(8):
+                if start + m > len(self.ids) or m <= 0:
+                    break
+                text = self.tok.decode(self.ids[start:start + m])
+                got = self.count(text)
+                if got == n and text.strip():
+                    self.cursor = start + m
+                    return text
+                m += n - got
+        raise RuntimeError(f"no {n}-token prompt found near corpus token {self.cursor} of {len(self.ids)}")
+
+    def shared_prefix(self, prefix_tokens: int, k: int, suffix_tokens: int = 12) -> tuple[list[str], int]:
+        """k prompts: one prefix of prefix_tokens, then "\\n\\n" and a different short text each.
+        Returns them and the number of leading tokens all their encodings share."""
+        prefix = self.take(prefix_tokens)
+        pre_ids = self.tok.encode(prefix).ids
+        prompts = []
+        for _ in range(k):
+            for _attempt in range(16):
+                p = prefix + "\n\n" + self.take(suffix_tokens)
+                if self.tok.encode(p).ids[:prefix_tokens] == pre_ids:
+                    prompts.append(p)
+                    break
+            else:
+                raise RuntimeError("could not keep the shared prefix's tokens intact after a suffix")
+        encs = [self.tok.encode(p).ids for p in prompts]
+        shared = 0
+        while all(len(e) > shared for e in encs) and len({e[shared] for e in encs}) == 1:
+            shared += 1
+        return prompts, shared
+
+
+SCENARIOS = {
+    "a": {"title": "1 client, 128-token prompt, 128 new", "clients": 1, "new": 128},
+    "b": {"title": "8 clients, 500-1000-token prompts, 64 new", "clients": 8, "new": 64},
+    "c": {"title": "32 clients, 128-token prompts, 64 new", "clients": 32, "new": 64},
+    "d": {"title": "16 together, shared 500-token prefix, 64 new", "clients": 16, "new": 64},
+}
+
+
+def build_prompts(src: PromptSource, key: str) -> tuple[list[str], dict]:
+    if key == "a":
+        prompts = [src.take(128) for _ in range(4)]
+    elif key == "b":
+        lengths = [500 + round(i * 500 / 15) for i in range(16)]  # 500 .. 1000, evenly
+        prompts = [src.take(n) for n in lengths]
+    elif key == "c":
+        prompts = [src.take(128) for _ in range(64)]
+    elif key == "d":
+        prompts, shared = src.shared_prefix(500, 16)
+        return prompts, {"shared_prefix_tokens": shared, "prompt_tokens": [src.count(p) for p in prompts]}
+    else:
+        raise ValueError(key)
+    return prompts, {"prompt_tokens": [src.count(p) for p in prompts]}
+
+
+# ---------------------------------------------------------------- one streaming request
+
+def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: int, deadline: float) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times: list[float] = []
+    finish, usage, done = None, None, False
     try:
         with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                return {"ok": False, "status": r.status_code}
+                return {"ok": False, "error": f"HTTP {r.status_code}: {r.read()[:200]!r}"}
             for line in r.iter_lines():
+                now = time.perf_counter()
+                if now > deadline:
+                    return {"ok": False, "error": "scenario deadline passed mid-stream"}
+                if not line.startswith("data: "):
+                    continue
                 if line == "data: [DONE]":
                     done = True
-                elif line.startswith("data: "):
-                    ev = json.loads(line[6:])
-                    if "error" in ev:
-                        return {"ok": False, "error": ev["error"].get("message", "")[:200]}
-                    if ttft is None and ev["choices"][0].get("text"):
-                        ttft = time.perf_counter() - t0
-                    finish = ev["choices"][0].get("finish_reason") or finish
-                    tokens = ev.get("usage", {}).get("completion_tokens", tokens)
-    except httpx.HTTPError as e:
-        return {"ok": False, "error": type(e).__name__}
-    return {"ok": done and finish is not None, "ttft": ttft, "tokens": tokens, "seconds": time.perf_counter() - t0}
+                    break
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    return {"ok": False, "error": str(ev["error"])[:200]}
+                for ch in ev.get("choices") or []:
+                    if ch.get("text"):
+                        times.append(now)
+                    finish = ch.get("finish_reason") or finish
+                if ev.get("usage"):
+                    usage = ev["usage"]
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+    t1 = time.perf_counter()
+    ok = done and finish is not None and usage is not None and usage.get("completion_tokens") is not None
+    out = {"ok": ok, "start": t0, "end": t1, "finish": finish, "tokens": (usage or {}).get("completion_tokens", 0),
+           "prompt_tokens": (usage or {}).get("prompt_tokens"),
+           "ttft": times[0] - t0 if times else None, "first_at": times[0] if times else None,
+           "itl": np.diff(times).tolist() if len(times) > 1 else []}
+    if not ok:
+        out["error"] = "truncated: " + ", ".join(n for n, v in (("no [DONE]", done), ("no finish_reason", finish),
+                                                               ("no usage", usage)) if not v)
+    return out
 
 
-def clients(url: str, n: int, seconds: float, max_tokens: int) -> tuple[list[dict], float]:
-    results, lock, stop_at = [], threading.Lock(), time.perf_counter() + seconds
+def run_scenario(url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
+                 timeout_s: float) -> tuple[list[dict], float]:
+    """`clients` threads take the prompts in order from one queue, all released together; after
+    timeout_s nothing more is sent and streams still open are cut (counted as failed)."""
+    work: queue.Queue = queue.Queue()
+    for i, p in enumerate(prompts):
+        work.put((i, p))
+    results: list[dict | None] = [None] * len(prompts)
+    clock: dict[str, float] = {}
+    barrier = threading.Barrier(clients, action=lambda: clock.setdefault("t0", time.perf_counter()))
+    deadline_box: dict[str, float] = {}
 
-    def loop(k: int) -> None:
-        with httpx.Client(base_url=url, timeout=600) as c:
-            i = k
-            while time.perf_counter() < stop_at:
-                r = one_request(c, i, max_tokens)
-                with lock:
-                    results.append(r)
-                i += n
+    def client_loop() -> None:
+        timeout = httpx.Timeout(connect=10.0, read=min(300.0, timeout_s), write=30.0, pool=30.0)
+        with httpx.Client(base_url=url, timeout=timeout) as c:
+            barrier.wait()
+            deadline = deadline_box.setdefault("deadline", clock["t0"] + timeout_s)
+            while time.perf_counter() < deadline:
+                try:
+                    i, p = work.get_nowait()
+                except queue.Empty:
+                    return
+                results[i] = stream_request(c, model, p, max_tokens, deadline)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    return results, time.perf_counter() - t0
+        t.join(timeout_s + 360)  # a stream is cut at the deadline or by its read timeout
+    out = [r if r is not None else {"ok": False, "error": "not sent before the scenario deadline"} for r in results]
+    ends = [r["end"] for r in out if "end" in r]
+    wall = (max(ends) if ends else time.perf_counter()) - clock.get("t0", time.perf_counter())
+    return out, wall
 
 
-def summary(results: list[dict], wall: float) -> dict:
+def pct(xs: list[float], q: float) -> float | None:
+    return round(1e3 * float(np.percentile(xs, q)), 1) if xs else None
+
+
+def summarise(results: list[dict], wall: float, max_tokens: int, expected_prompt_tokens: list[int],
+              scenario: str) -> dict:
     ok = [r for r in results if r["ok"]]
-    for r in results:
-        if not r["ok"]:
-            print("failed:", r, file=sys.stderr)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
-    return {"requests": len(results), "failed_or_truncated": len(results) - len(ok),
-            "ttft_p50_ms": round(1e3 * float(np.percentile(ttft, 50)), 1) if ttft else None,
-            "ttft_p99_ms": round(1e3 * float(np.percentile(ttft, 99)), 1) if ttft else None,
-            "tok_s": round(sum(r["tokens"] for r in ok) / wall, 1), "seconds": round(wall, 1)}
+    itl = [g for r in ok for g in r["itl"]]
+    seen = [(r.get("prompt_tokens"), n) for r, n in zip(results, expected_prompt_tokens) if r.get("prompt_tokens")]
+    s = {"requests": len(results), "failed_or_truncated": len(results) - len(ok),
+         "short": sum(1 for r in ok if r["tokens"] < max_tokens),
+         "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
+         "itl_p99_ms": pct(itl, 99), "tok_s": round(sum(r["tokens"] for r in ok) / wall, 2) if wall > 0 else None,
+         "generated_tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 2),
+         "mean_completion_tokens": round(float(np.mean([r["tokens"] for r in ok])), 1) if ok else None,
+         "prompt_tokens_reported": len(seen), "prompt_tokens_mismatched": sum(1 for a, b in seen if a != b),
+         "errors": sorted({r.get("error", "") for r in results if not r["ok"]})[:5]}
+    if scenario == "d" and ok:
+        # "first": the request whose first token came first (it computed the shared prefix)
+        by_first = sorted((r for r in ok if r["first_at"] is not None), key=lambda r: r["first_at"])
+        if by_first:
+            later = [r["ttft"] for r in by_first[1:]]
+            s["ttft_first_ms"] = round(1e3 * by_first[0]["ttft"], 1)
+            s["ttft_later_median_ms"] = pct(later, 50)
+            s["later_over_first"] = round(s["ttft_later_median_ms"] / s["ttft_first_ms"], 2) if later else None
+    return s
+
+
+# ---------------------------------------------------------------- machine
+
+def machine() -> dict:
+    info: dict = {"platform": platform.platform(), "logical_cpus": os.cpu_count(),
+                  "affinity_cpus": len(os.sched_getaffinity(0))}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    fields = [dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in b.splitlines())) for b in blocks]
+    if fields:
+        f0 = fields[0]
+        flags = set(f0.get("flags", "").split())
+        info["cpu_model"] = f0.get("model name")
+        info["physical_cores"] = len({(f.get("physical id"), f.get("core id")) for f in fields}) or None
+        info["isa"] = {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                                                 "amx_int8")}
+    try:
+        mem = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+        info["mem_gib"] = round(int(mem.split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+# ---------------------------------------------------------------- main
+
+RATIO_KEYS = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tok_s")
+
+
+def ratios(k: dict, v: dict) -> dict:
+    out = {}
+    for key in RATIO_KEYS + ("ttft_first_ms", "ttft_later_median_ms"):
+        a, b = k.get(key), v.get(key)
+        if a is not None and b:
+            out[key] = round(a / b, 2)
+    return out
+
+
+def warm_up(server: Server, src_prompt: str) -> None:
+    """Two short unmeasured requests on a fresh server (first-call costs)."""
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        for _ in range(2):
+            stream_request(c, server.model_name, src_prompt, 8, time.perf_counter() + 300)
+
+
+def print_table(report: dict) -> None:
+    cols = ("reqs", "fail", "short", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "tok/s")
+    print(f"\n{'scenario':50} {'server':7} " + " ".join(f"{c:>9}" for c in cols))
+    print("-" * 132)
+    for key, sc in report["scenarios"].items():
+        for name in ("kiln", "vllm"):
+            r = sc["results"].get(name)
+            if r is None:
+                continue
+            if "skipped" in r:
+                print(f"{key + ') ' + sc['title']:50} {name:7} skipped: {r['skipped'].splitlines()[0][:70]}")
+                continue
+            vals = (r["requests"], r["failed_or_truncated"], r["short"], r["ttft_p50_ms"], r["ttft_p99_ms"],
+                    r["itl_p50_ms"], r["itl_p99_ms"], r["tok_s"])
+            print(f"{key + ') ' + sc['title']:50} {name:7} " + " ".join(f"{v!s:>9}" for v in vals))
+        rt = sc.get("ratio_kiln_over_vllm")
+        if rt:
+            vals = ("", "", "", *(rt.get(k, "") for k in RATIO_KEYS))
+            print(f"{'':50} {'k/v':7} " + " ".join(f"{v!s:>9}" for v in vals))
+        for name in ("kiln", "vllm"):
+            r = sc["results"].get(name) or {}
+            if "ttft_first_ms" in r:
+                print(f"{'':50} {name:7} TTFT first {r['ttft_first_ms']} ms, later median "
+                      f"{r['ttft_later_median_ms']} ms ({r['later_over_first']}x)")
+    print("times in ms; k/v = kiln/vLLM (latency: <1 kiln faster; tok/s: >1 kiln faster)")
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--artifact", default=str(ROOT / "artifacts" / "smollm2-135m"))
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", default=str(ROOT / "artifacts" / "smollm2-135m"), help="kiln engine artifact")
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m.yaml"),
+                   help="to build an artifact with enough max_batch when --artifact has too few rows")
+    p.add_argument("--hf-dir", default=None, help="the checkpoint for vLLM (default: the recipe's source)")
+    p.add_argument("--scenarios", default="a,b,c,d")
+    p.add_argument("--peer", choices=("vllm", "none"), default="vllm")
+    p.add_argument("--no-install", action="store_true", help="do not run benchmarks/install_vllm.sh when missing")
+    p.add_argument("--vllm-venv", default=str(VLLM_VENV))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences in flight on both servers")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="pass to both (kiln only if it lists the option); default: each server's own")
+    p.add_argument("--kv-space-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--scenario-timeout", type=float, default=600, help="seconds per scenario and server")
+    p.add_argument("--ready-timeout", type=float, default=600, help="seconds for a server to come up")
+    p.add_argument("--note", default="", help="recorded in the JSON (e.g. what else used the CPU)")
     p.add_argument("--out", default=str(ROOT / "bench-results" / "bench-serve.json"))
     a = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "compiler.cli", "serve", a.artifact, "--port", str(port), "--quiet",
-                               "--max-queue", str(4 * a.clients)])
+
+    keys = [k.strip() for k in a.scenarios.split(",") if k.strip()]
+    bad = [k for k in keys if k not in SCENARIOS]
+    if bad or not keys:
+        p.error(f"--scenarios takes a comma list of {','.join(SCENARIOS)}; got {a.scenarios!r}")
+    out_path = Path(a.out)
+    log_dir = out_path.parent / "logs"
+    recipe = Path(a.recipe)
+    import yaml  # the recipe names the checkpoint vLLM loads
+    recipe_doc = yaml.safe_load(recipe.read_text())
+    hf_dir = Path(a.hf_dir) if a.hf_dir else ROOT / recipe_doc["source"]
+    model_name = str(recipe_doc["name"])  # the served name on both servers (kiln --name, vLLM --served-model-name)
+
+    # kiln: same sequences in flight as vLLM
+    kiln_opts = kiln_serve_options()
+    kiln_seqs_flag = "--max-num-seqs" in kiln_opts
+    artifact = kiln_artifact_for(Path(a.artifact), recipe, a.max_num_seqs, log_dir)
+    kiln_extra = []
+    if a.max_num_batched_tokens is not None and "--max-num-batched-tokens" in kiln_opts:
+        kiln_extra = ["--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+    max_clients = max(SCENARIOS[k]["clients"] for k in keys)
+    kiln = KilnServer(artifact, a.threads, a.max_num_seqs if kiln_seqs_flag else None, 4 * max_clients, kiln_extra,
+                      model_name=model_name, log_dir=log_dir, ready_timeout=a.ready_timeout)
+
+    peer: VllmServer | None = None
+    peer_skip = "not requested (--peer none)" if a.peer == "none" else None
+    if a.peer == "vllm":
+        try:
+            ensure_vllm(Path(a.vllm_venv), not a.no_install, log_dir)
+            vextra = [] if a.max_num_batched_tokens is None else ["--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+            peer = VllmServer(Path(a.vllm_venv), hf_dir, a.threads, a.max_num_seqs, a.kv_space_gib, a.max_model_len,
+                              vextra, model_name=model_name, log_dir=log_dir, ready_timeout=a.ready_timeout)
+        except PeerUnavailable as e:
+            peer_skip = str(e)
+            print(f"vLLM rows skipped: {e}", file=sys.stderr)
+
+    src = PromptSource(hf_dir / "tokenizer.json")
+    warm_prompt = src.take(32)
+    report: dict = {
+        "machine": machine(), "note": a.note, "dtype": "float32", "threads": a.threads,
+        "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
+        "checkpoint": str(hf_dir.relative_to(ROOT) if hf_dir.is_relative_to(ROOT) else hf_dir),
+        "kiln": {"artifact": str(artifact.relative_to(ROOT) if artifact.is_relative_to(ROOT) else artifact),
+                 "max_num_seqs_flag": kiln_seqs_flag, **kiln.describe()},
+        "vllm": peer.describe() if peer else {"skipped": peer_skip},
+        "method": "per scenario: fresh kiln server, then fresh vLLM server, never both running; streaming "
+                  "/v1/completions, temperature 0, no ignore_eos; tokens from usage.completion_tokens",
+        "scenarios": {}}
+
+    failed_kiln = 0
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        single = summary(*clients(url, 1, min(20.0, a.seconds), a.max_tokens))
-        many = summary(*clients(url, a.clients, a.seconds, a.max_tokens))
+        for key in keys:
+            sc = SCENARIOS[key]
+            prompts, pinfo = build_prompts(src, key)
+            entry = {"title": sc["title"], "clients": sc["clients"], "requests": len(prompts),
+                     "max_tokens": sc["new"], **pinfo, "results": {}}
+            report["scenarios"][key] = entry
+            for name, server in (("kiln", kiln), ("vllm", peer)):
+                if server is None:
+                    if name == "vllm":
+                        entry["results"][name] = {"skipped": peer_skip}
+                    continue
+                print(f"[{key}] {name}: starting", file=sys.stderr, flush=True)
+                try:
+                    server.start(key)
+                except PeerUnavailable as e:
+                    if name == "kiln":
+                        raise
+                    peer_skip, peer = str(e), None
+                    entry["results"][name] = {"skipped": peer_skip}
+                    print(f"vLLM rows skipped: {e}", file=sys.stderr)
+                    continue
+                try:
+                    warm_up(server, warm_prompt)
+                    load = os.getloadavg()
+                    results, wall = run_scenario(server.url, model_name, prompts, sc["clients"], sc["new"],
+                                                 a.scenario_timeout)
+                    s = summarise(results, wall, sc["new"], pinfo["prompt_tokens"], key)
+                    s["startup_s"] = round(server.startup_s or 0, 1)
+                    s["loadavg_before"] = [round(x, 2) for x in load]
+                    s["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+                finally:
+                    server.stop()
+                entry["results"][name] = s
+                if name == "kiln":
+                    failed_kiln += s["failed_or_truncated"]
+                for err in s["errors"]:
+                    print(f"[{key}] {name} failure: {err}", file=sys.stderr)
+                print(f"[{key}] {name}: {s['requests']} requests, {s['failed_or_truncated']} failed, "
+                      f"{s['tok_s']} tok/s, {s['wall_s']} s", file=sys.stderr, flush=True)
+            k, v = entry["results"].get("kiln"), entry["results"].get("vllm")
+            if k and v and "skipped" not in v:
+                entry["ratio_kiln_over_vllm"] = ratios(k, v)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    report = {"artifact": Path(a.artifact).name, "max_tokens": a.max_tokens, "single": single, f"{a.clients} clients": many,
-              "aggregate_vs_single": round(many["tok_s"] / single["tok_s"], 2) if single["tok_s"] else None}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':12} {'requests':>9} {'failed':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'tok/s':>7}")
-    for label, r in (("1 client", single), (f"{a.clients} clients", many)):
-        print(f"{label:12} {r['requests']:>9} {r['failed_or_truncated']:>7} {r['ttft_p50_ms']!s:>9} {r['ttft_p99_ms']!s:>9} {r['tok_s']:>7}")
-    print(f"aggregate tok/s vs one client: {report['aggregate_vs_single']}x")
-    return 1 if many["failed_or_truncated"] else 0
+        kiln.stop()
+        if peer:
+            peer.stop()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+    if report["vllm"].get("skipped") is None and peer_skip:
+        report["vllm"]["skipped"] = peer_skip
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    if peer_skip:
+        print(f"vLLM: skipped ({peer_skip.splitlines()[0]})")
+    print(f"JSON: {out_path}")
+    return 1 if failed_kiln else 0
 
 
 if __name__ == "__main__":
