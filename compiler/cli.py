@@ -125,8 +125,10 @@ def _serve(args) -> int:
     app = create_app(engine, name, args.max_queue, sched)
     if not args.quiet:
         core = app.state.batcher.core
-        print(f"serving {name} on http://{args.host}:{args.port}/v1 ({core.rows.rows} KV rows of {engine.config.max_seq} "
-              f"tokens, {sched.max_num_batched_tokens} tokens a step, prefix cache "
+        kv = (f"KV budget {core.blocks.capacity * core.blocks.block_tokens} tokens in {core.blocks.budget_gib} GiB, "
+              if core.blocks is not None else "")
+        print(f"serving {name} on http://{args.host}:{args.port}/v1 ({core.rows.rows} sequences of up to {engine.config.max_seq} "
+              f"tokens, {kv}{sched.max_num_batched_tokens} tokens a step, prefix cache "
               f"{sched.prefix_cache_tokens if core.prefix else 0} tokens, queue {args.max_queue})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
@@ -258,10 +260,13 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--name", help="model id in the API (default: the artifact's directory name)")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get HTTP 429")
-    sv.add_argument("--max-num-seqs", type=_positive, help="sequences generated at once (KV rows; default: the engine's max_batch)")
+    sv.add_argument("--max-num-seqs", type=_positive,
+                    help="sequences generated at once (KV rows; default 64 on CPU, the engine's max_batch on GPUs)")
     sv.add_argument("--max-num-batched-tokens", type=_positive, default=512,
                     help="tokens one engine step feeds: every running decode, then prompt chunks (default 512)")
-    sv.add_argument("--kv-cache-gib", type=float, help="memory budget for the KV rows (fewer rows if it holds fewer)")
+    sv.add_argument("--kv-cache-gib", type=float,
+                    help="KV memory budget (CPU default 4): CPU rows take memory as they fill and a request waits "
+                         "until its prompt and max_tokens fit; GPU rows are whole, so a budget means fewer rows")
     sv.add_argument("--prefix-cache-tokens", type=int, default=4096,
                     help="KV of shared prompt prefixes kept for reuse, in tokens (0: off; CPU engines)")
     sv.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")

@@ -10,7 +10,9 @@ Each step spends a token budget: every running decode first (one token each, so 
 never stalls them), then prompt chunks of the sequences still prefilling, in priority and arrival
 order (chunked prefill, as in Sarathi / vLLM). A sequence holds one row of the engine's KV cache
 (`runtime/rows.py`); a step runs only the rows that have work: the decodes as one call over their
-rows, each prefill chunk as a call over its own row, positions continuing from its past.
+rows, each prefill chunk as a call over its own row, positions continuing from its past, and
+neighbouring calls merged where one padded call costs less (`runtime/packing.py`). Host rows are
+paged by the OS and admitted under a block budget (`runtime/kv_memory.py`).
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler.runtime.generation import Generation, GenerationConfig, Timing
+from compiler.runtime.kv_memory import KVBlocks
+from compiler.runtime.packing import pack
 from compiler.runtime.rows import RowPool
 from compiler.runtime.sampling import SamplingParams, sample
 from compiler.runtime.text import TextStream
 
 
+DEFAULT_ROWS = 64  # host KV rows when max_num_seqs is not set
+DEFAULT_KV_GIB = 4.0  # the KV budget of host rows when kv_cache_gib is not set
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int | None = None  # sequences running at once (KV rows); None: the engine's max_batch
-    kv_cache_gib: float | None = None  # a memory budget for the KV rows: fewer rows if it holds fewer
+    max_num_seqs: int | None = None  # sequences running at once (KV rows); None: see EngineCore._row_count
+    kv_cache_gib: float | None = None  # KV memory budget: blocks of host rows, or whole device rows
     max_num_batched_tokens: int = 512  # tokens one step feeds: all decodes, then prompt chunks
     prefix_cache_tokens: int = 0  # KV kept for prefix reuse (0: off); CPU engines
     prefix_block_size: int = 16  # tokens per prefix block
@@ -85,6 +93,7 @@ class EngineCore:
         self.engine, self.cfg = engine, engine.config
         self.sched = config or SchedulerConfig()
         self.rows = RowPool(engine.session, self._row_count())
+        self.blocks = self._kv_blocks()
         self.samples = bool(getattr(engine.session, "samples", False))
         self.prefix = self._prefix_cache()
         self.waiting: list[_Request] = []
@@ -93,11 +102,12 @@ class EngineCore:
         self.stats = {"steps": 0, "batched_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0}
 
     def _row_count(self) -> int:
-        """max_num_seqs (engines that bind every row at once: at most their max_batch), within
-        the KV budget."""
-        rows = self.sched.max_num_seqs or self.cfg.max_batch
-        if getattr(self.engine.session, "cache_rows", None) is None:
-            rows = min(rows, self.cfg.max_batch)
+        """max_num_seqs (default: DEFAULT_ROWS for host rows, which cost only what they hold; the
+        engine's max_batch for engines that bind every row at once, and at most that). Rows of
+        device memory are allocated whole, so a KV budget caps their number."""
+        if getattr(self.engine.session, "cache_rows", None) is not None:
+            return self.sched.max_num_seqs or max(self.cfg.max_batch, DEFAULT_ROWS)
+        rows = min(self.sched.max_num_seqs or self.cfg.max_batch, self.cfg.max_batch)
         kv = self.cfg.kv_cache
         if self.sched.kv_cache_gib is not None and kv is not None:
             row_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.max_seq * kv.head_dim * np.dtype(kv.dtype).itemsize
@@ -108,11 +118,21 @@ class EngineCore:
             rows = min(rows, fit)
         return rows
 
+    def _kv_blocks(self) -> KVBlocks | None:
+        """Block accounting of host rows under the KV budget (None: rows are the only limit)."""
+        kv = self.cfg.kv_cache
+        if kv is None or not self.rows.sliceable:
+            return None
+        blocks = KVBlocks.for_cache(kv, self.sched.kv_cache_gib or DEFAULT_KV_GIB)
+        if blocks.capacity < 1:
+            raise ValueError(f"a KV budget of {blocks.budget_gib} GiB holds no block of {blocks.block_tokens} tokens "
+                             f"({blocks.block_bytes / 2**20:.2f} MiB); raise it")
+        return blocks
+
     # -- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], config: GenerationConfig, priority: int = 0,
-                    rng: np.random.Generator | None = None) -> int:
-        """Queue a request (lower priority values run first; then arrival order). A bad one raises
-        ValueError here and touches nothing else. rng: its sampler (default: seeded by config.seed)."""
+    def validate(self, prompt_ids: list[int], config: GenerationConfig) -> int:
+        """Raise ValueError naming what is wrong with a request (and the fix); else return the
+        tokens it may generate. Reads only fixed settings: safe from another thread."""
         M = self.cfg.max_seq
         if not 0 < len(prompt_ids) < M:
             raise ValueError(f"prompt length must be 1..{M - 1} tokens for this engine (max_seq {M}), got {len(prompt_ids)}")
@@ -120,11 +140,25 @@ class EngineCore:
             raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
         if config.seed is not None and not 0 <= config.seed < 2**63:
             raise ValueError(f"seed must be in 0..2^63-1, got {config.seed}")
+        SamplingParams(config.temperature, config.top_k, config.top_p)  # raises on a bad setting
+        limit = min(config.max_new_tokens, M - len(prompt_ids))
+        if self.blocks is not None and not self.blocks.fits_ever(len(prompt_ids) + limit):
+            cap = self.blocks.capacity * self.blocks.block_tokens
+            raise ValueError(f"this request needs KV for {len(prompt_ids) + limit} tokens ({len(prompt_ids)} prompt + "
+                             f"{limit} new) but the KV budget of {self.blocks.budget_gib} GiB holds {cap}; "
+                             f"raise --kv-cache-gib or lower max_tokens")
+        return limit
+
+    def add_request(self, prompt_ids: list[int], config: GenerationConfig, priority: int = 0,
+                    rng: np.random.Generator | None = None) -> int:
+        """Queue a request (lower priority values run first; then arrival order). A bad one raises
+        ValueError here and touches nothing else. rng: its sampler (default: seeded by config.seed)."""
+        limit = self.validate(prompt_ids, config)
         params = SamplingParams(config.temperature, config.top_k, config.top_p)
         stops = config.stop_token_ids if config.stop_token_ids is not None else self.cfg.generation.eos_token_ids
-        req = _Request(next(self._ids), list(prompt_ids), len(prompt_ids), config, params, rng or np.random.default_rng(config.seed), frozenset(stops),
-                       TextStream(self.engine.text, config.stop), min(config.max_new_tokens, M - len(prompt_ids)),
-                       priority, list(prompt_ids))
+        req = _Request(next(self._ids), list(prompt_ids), len(prompt_ids), config, params,
+                       rng or np.random.default_rng(config.seed), frozenset(stops), TextStream(self.engine.text, config.stop),
+                       limit, priority, list(prompt_ids))
         req.gen.timing = Timing(prompt_tokens=len(prompt_ids))
         self.waiting.append(req)
         return req.id
@@ -154,7 +188,7 @@ class EngineCore:
             if n <= 0:
                 break
             if self.prefix is not None:
-                computing.update(self._blocks(r, r.fed + n))
+                computing.update(self._prefix_keys(r, r.fed + n))
             if self.prefix is not None and not r.t_start:  # its first chunk: count what reuse saved
                 self.prefix.count(r.prompt_len, r.fed)
             chunks.append((r, n))
@@ -180,7 +214,10 @@ class EngineCore:
     def _admit(self) -> None:
         self.waiting.sort(key=lambda r: (r.priority, r.id))
         while self.waiting and self.rows.free:
-            req = self.waiting.pop(0)
+            req = self.waiting[0]
+            if self.blocks is not None and not self.blocks.reserve(req.id, req.prompt_len + req.limit):
+                return  # waits for blocks (in order: a large request is not starved by small ones)
+            self.waiting.pop(0)
             req.row = self.rows.acquire()
             self.running.append(req)
 
@@ -206,14 +243,14 @@ class EngineCore:
             r.fed = self.prefix.load(blocks, self.rows.cache._arrays, r.row, first)
             r.pending = r.tokens[r.fed: r.prompt_len]
 
-    def _blocks(self, r: _Request, upto: int) -> list[bytes]:
+    def _prefix_keys(self, r: _Request, upto: int) -> list[bytes]:
         """Keys of the prefix blocks r completes while its cache grows from r.fed to upto tokens."""
         from compiler.runtime.prefix_cache import block_keys
 
         return block_keys(r.tokens, self.prefix.block_size, min(upto, r.prompt_len - 1))[r.fed // self.prefix.block_size:]
 
     def _next_block(self, r: _Request, upto: int) -> bytes | None:
-        keys = self._blocks(r, upto)
+        keys = self._prefix_keys(r, upto)
         return keys[0] if keys else None
 
     def _keep_prefix(self, r: _Request) -> None:
@@ -221,6 +258,8 @@ class EngineCore:
             self.prefix.store(r.tokens, r.fed, self.rows.cache._arrays, r.row)
 
     def _release(self, req: _Request) -> None:
+        if self.blocks is not None:
+            self.blocks.release(req.id)
         if req.row is not None:
             self.rows.release(req.row)
             req.row = None
@@ -232,8 +271,9 @@ class EngineCore:
         now = time.perf_counter()
         for r, n in chunks:
             r.t_start = r.t_start or now
-        if self.rows.sliceable:  # decodes as one call over their rows, then a call per prompt chunk
-            calls = ([feeds] if feeds else []) + [{r.row: (r, r.pending[:n])} for r, n in chunks]
+        if self.rows.sliceable:  # the decodes and each prompt chunk, merged where one call costs less
+            calls = pack(([feeds] if feeds else []) + [{r.row: (r, r.pending[:n])} for r, n in chunks],
+                         self._starts().get, self.cfg.max_seq, self.cfg.graph_flavour != "ort-contrib")
         else:  # every call binds every row anyway: one call for all
             calls = [{**feeds, **{r.row: (r, r.pending[:n]) for r, n in chunks}}]
         for call in calls:
@@ -250,6 +290,12 @@ class EngineCore:
                     self._keep_prefix(r)  # it completed a block
                 if not r.pending:  # its input is all in: results[row] picks its next token
                     self._advance(r, results[row], outs)
+
+    def _starts(self) -> dict[int, int]:
+        """The position each row's next input goes to (0 for a free row)."""
+        starts = dict.fromkeys(range(self.rows.rows), 0)
+        starts.update((r.row, r.fed) for r in self.running)
+        return starts
 
     def _call(self, call: dict[int, tuple[_Request, list[int]]]) -> dict[int, int]:
         """One engine call over a row span; returns the next token of each row in `call`."""

@@ -1,10 +1,12 @@
-"""The static KV cache as a pool of rows: one row per running sequence.
+"""The KV cache as a pool of rows: one row per running sequence.
 
 An engine's cache is [rows, kv_heads, max_seq, head_dim] per layer, and each row is contiguous,
 so a step can bind just the rows it needs: a decode step binds rows [0, hi) (the lowest rows are
 handed out first, so running sequences cluster there) and a prefill chunk binds its one row. A
 session that cannot bind part of its cache (CUDA, TensorRT, multi-rank) binds every row each
 step; rows without work in a bound range are fed a harmless dummy token (see `EngineCore`).
+Host rows are reserved address space, committed page by page as they are written and handed
+back on release (`runtime/kv_memory.py`), so many rows cost only what their sequences hold.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class RowPool:
         return heapq.heappop(self._free) if self._free else None
 
     def release(self, row: int) -> None:
+        release = getattr(self.cache, "release_row", None)
+        if release is not None:  # host memory: the row's pages go back to the OS
+            release(row)
         heapq.heappush(self._free, row)
 
     def span(self, lo: int, hi: int) -> tuple[int, int]:

@@ -8,13 +8,14 @@ the contrib attention kernel) writes new entries in place and nothing is realloc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from compiler.runtime.config import EngineConfig
+from compiler.runtime.kv_memory import PagedArray
 
 
 def physical_cores() -> int:
@@ -42,6 +43,12 @@ class KVCache:
     keys: list[ort.OrtValue]
     values: list[ort.OrtValue]
     _arrays: list[np.ndarray]  # owners of the buffers the OrtValues wrap
+    _paged: list[PagedArray] = field(default_factory=list)  # their mappings (a full cache; not a row view)
+
+    def release_row(self, row: int) -> None:
+        """Hand a finished sequence's KV pages back to the OS (see runtime/kv_memory.py)."""
+        for arr in self._paged:
+            arr.release(row)
 
 
 class ProviderUnavailable(ValueError):
@@ -85,9 +92,10 @@ class DecoderSession:
     def new_cache(self, batch: int) -> KVCache:
         kv = self.cfg.kv_cache
         shape = (batch, kv.num_kv_heads, kv.max_seq, kv.head_dim)
-        arrays = [np.zeros(shape, dtype=kv.dtype) for _ in range(2 * kv.num_layers)]
+        paged = [PagedArray(shape, kv.dtype) for _ in range(2 * kv.num_layers)]  # committed as written
+        arrays = [p.array for p in paged]
         vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        return KVCache(batch, vals[0::2], vals[1::2], arrays)
+        return KVCache(batch, vals[0::2], vals[1::2], arrays, paged)
 
     def cache_rows(self, cache: KVCache, lo: int, hi: int) -> KVCache:
         """Rows [lo, hi) of a cache, sharing its memory (each row is contiguous in [B, H, M, D])."""

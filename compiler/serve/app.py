@@ -109,15 +109,16 @@ def create_app(engine: Engine, name: str, max_queue: int = 64, scheduler: Schedu
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "kiln"}]}
 
     async def run(request: Request, req: _Params, prompt: str | list[dict], chat: bool, endpoint: str) -> Response:
-        t0, M = time.perf_counter(), engine.config.max_seq
+        t0 = time.perf_counter()
         try:
             ids = engine.text.prompt_ids(prompt, chat)
         except ValueError as e:
             return refuse(endpoint, 400, f"invalid request: {e}", "invalid_request_error")
-        if not 0 < len(ids) < M:
-            return refuse(endpoint, 400, f"invalid request: prompt must be 1..{M - 1} tokens for this engine "
-                                         f"(max_seq {M}), got {len(ids)}", "invalid_request_error")
         job = Job(ids, req.config(chat), asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            batcher.core.validate(ids, job.config)  # length, settings, KV budget: a plain 400 before any stream
+        except ValueError as e:
+            return refuse(endpoint, 400, f"invalid request: {e}", "invalid_request_error")
         try:
             batcher.submit(job)
         except Overloaded:

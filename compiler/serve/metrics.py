@@ -1,11 +1,14 @@
 """Prometheus metrics of the server: requests by endpoint and status, requests cancelled because
 the client went away, generated tokens, request latency and time to first token (histograms),
-queue depth; the engine core's running and waiting sequences, KV rows in use and free, prefix
-cache hit rate and blocks, and the tokens each step feeds (histogram)."""
+queue depth; the engine core's running and waiting sequences, KV rows in use and free, KV blocks
+reserved and free under the budget and the KV memory resident, prefix cache hit rate and blocks,
+and the tokens each step feeds (histogram)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from compiler.runtime.kv_memory import resident_bytes
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -27,6 +30,9 @@ class Metrics:
         gauge = {name: Gauge(f"kiln_{name}", text, registry=self.registry) for name, text in (
             ("running_sequences", "sequences holding a KV row"), ("waiting_sequences", "requests waiting for a KV row"),
             ("kv_rows_used", "KV cache rows in use"), ("kv_rows_free", "KV cache rows free"),
+            ("kv_blocks_used", "KV blocks reserved by running sequences (CPU rows)"),
+            ("kv_blocks_free", "KV blocks left in the budget (CPU rows)"),
+            ("kv_resident_bytes", "KV cache memory in use (CPU rows, from the OS)"),
             ("prefix_cache_hit_rate", "share of prompt tokens loaded from the prefix cache"),
             ("prefix_cache_blocks_used", "prefix cache blocks holding a prefix"))}
         self.gauges = gauge
@@ -38,6 +44,10 @@ class Metrics:
         g["waiting_sequences"].set(len(core.waiting))
         g["kv_rows_used"].set(rows.rows - rows.free)
         g["kv_rows_free"].set(rows.free)
+        if core.blocks is not None:
+            g["kv_blocks_used"].set(core.blocks.used)
+            g["kv_blocks_free"].set(core.blocks.free)
+            g["kv_resident_bytes"].set(resident_bytes(getattr(rows.cache, "_paged", [])))
         g["prefix_cache_hit_rate"].set(core.prefix.hit_rate if core.prefix else 0.0)
         g["prefix_cache_blocks_used"].set(core.prefix.used_blocks if core.prefix else 0)
 

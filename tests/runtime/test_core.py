@@ -1,5 +1,6 @@
 """The engine core: greedy outputs equal a plain one-prompt decode loop, whatever the batching,
-chunk size, arrival time or prefix reuse; rows are all free afterwards; cancel frees a row."""
+chunk size, call packing, arrival time, KV budget or prefix reuse; rows, blocks and their memory
+are all free afterwards; cancel frees a row; a request the KV budget can never hold is refused."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from compiler.runtime import load
 from compiler.runtime.core import EngineCore, SchedulerConfig
 from compiler.runtime.generation import GenerationConfig
+from compiler.runtime.kv_memory import KVBlocks, resident_bytes
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived", "def f(x):", "A"]
 N = 12
@@ -133,3 +135,58 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(engine):
     mine = crowd.add_request(engine.text.prompt_ids(PROMPTS[2], False), cfg)
     got = drain(crowd)
     assert got[mine] == solo and all(o in got for o in others)
+
+
+def test_a_kv_budget_too_small_for_a_request_is_refused_clearly(engine):
+    kv = engine.config.kv_cache
+    block = KVBlocks.for_cache(kv, None)
+    gib = 2 * block.block_bytes / 2**30  # two blocks
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, kv_cache_gib=gib))
+    assert core.blocks.capacity == 2
+    too_long = [5] * (2 * block.block_tokens)  # its prompt alone fills the pool: no room for a new token
+    assert len(too_long) < engine.config.max_seq
+    with pytest.raises(ValueError, match="KV budget .* holds .*raise --kv-cache-gib or lower max_tokens"):
+        core.add_request(too_long, GenerationConfig(max_new_tokens=1))
+    assert not core.has_work
+
+
+def test_requests_wait_for_kv_blocks_and_finish_exactly(engine, refs):
+    kv = engine.config.kv_cache
+    block = KVBlocks.for_cache(kv, None)
+    ids = [engine.text.prompt_ids(p, False) for p in PROMPTS]
+    need = max(block.blocks_for(len(i) + N) for i in ids)
+    gib = need * block.block_bytes / 2**30  # room for one request at a time, whatever the rows
+    assert all(block.blocks_for(len(i) + N) * 2 > need for i in ids)
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, kv_cache_gib=gib))
+    rids = [core.add_request(i, GenerationConfig(max_new_tokens=N)) for i in ids]
+    got, most = {}, 0
+    while core.has_work:
+        for o in core.step():
+            if o.finished:
+                got[o.request_id] = o.generation.token_ids
+        most = max(most, len(core.running))
+        assert core.blocks.used <= core.blocks.capacity
+    assert [got[r] for r in rids] == refs and most == 1
+    assert core.blocks.used == 0 and core.rows.free == 4
+
+
+def test_host_rows_hold_memory_only_for_what_they_hold(engine, refs):
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=16))
+    paged = core.rows.cache._paged
+    reserved = sum(p.array.nbytes for p in paged)
+    rids = [core.add_request(engine.text.prompt_ids(p, False), GenerationConfig(max_new_tokens=N)) for p in PROMPTS]
+    peak = 0
+    while core.has_work:
+        core.step()
+        peak = max(peak, resident_bytes(paged))
+    per_token = 2 * kv_bytes_per_layer_token(engine) * engine.config.kv_cache.num_layers
+    longest = max(len(engine.text.prompt_ids(p, False)) for p in PROMPTS) + N
+    assert 0 < peak <= len(rids) * per_token * (longest + 2 * KVBlocks.for_cache(engine.config.kv_cache, None).block_tokens) \
+        + 16 * len(paged) * 4096  # a dummy write may touch a free row's first page
+    assert peak < reserved / 8
+    assert resident_bytes(paged) <= 16 * len(paged) * 4096  # released rows went back to the OS
+
+
+def kv_bytes_per_layer_token(engine) -> int:
+    kv = engine.config.kv_cache
+    return kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize

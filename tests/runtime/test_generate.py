@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compiler.runtime import load
-from compiler.runtime.session import DecoderSession
+from compiler.runtime.session import DecoderSession, KVCache
 
 PROMPTS = ["The quick brown fox", "In the beginning of the module the interpreter reads", "x"]
 
@@ -86,19 +86,27 @@ def test_kv_cache_allocated_once_and_updated_in_place(engine, monkeypatch):
         made.append(original(self, batch))
         return made[-1]
 
+    seen = []  # row 0 of layer 0's keys when the finished sequence hands its row back
+    release = KVCache.release_row
+
+    def snapshot(self, row):
+        seen.append(self._arrays[0][row].copy())  # [Nkv, M, D], the numpy buffer the bound OrtValue wraps
+        release(self, row)
+
     monkeypatch.setattr(DecoderSession, "new_cache", counting)
+    monkeypatch.setattr(KVCache, "release_row", snapshot)
     gen = engine.generate(PROMPTS[0], max_new_tokens=12, stop_token_ids=())
-    assert len(made) == 1
+    assert len(made) == 1 and len(seen) == 1
     n_prompt = len(engine.text.encode(PROMPTS[0]))
-    key0 = made[0]._arrays[0]  # [B, Nkv, M, D], the numpy buffer the bound OrtValue wraps
-    filled = np.abs(key0[0, 0]).sum(axis=-1) > 0
+    filled = np.abs(seen[0][0]).sum(axis=-1) > 0
     assert filled[: n_prompt + len(gen.token_ids) - 1].all()
     assert not filled[n_prompt + len(gen.token_ids):].any()
+    assert not made[0]._arrays[0][0].any()  # released: its pages went back to the OS
 
 
 def test_too_long_prompt_is_refused_and_a_big_batch_queues(engine):
     with pytest.raises(ValueError, match="max_seq"):
         engine.generate("word " * 400, max_new_tokens=4)
-    prompts = ["a", "b c", "d e f", "g", "h i"]  # one more than max_batch: the fifth waits for a row
+    prompts = ["a", "b c", "d e f", "g", "h i"]  # more than max_batch: CPU rows are not capped by it
     assert [g.token_ids for g in engine.generate(prompts, max_new_tokens=4)] == \
         [engine.generate(p, max_new_tokens=4).token_ids for p in prompts]

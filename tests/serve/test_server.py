@@ -34,7 +34,8 @@ def test_health_models_and_metrics(server):
     assert 'kiln_requests_total{endpoint="/v1/completions",status="200"}' in body
     assert "kiln_time_to_first_token_seconds_bucket" in body and "kiln_generated_tokens_total" in body
     rows = server.batcher.core.rows.rows
-    for line in ("kiln_running_sequences 0.0", "kiln_waiting_sequences 0.0", "kiln_kv_rows_used 0.0",
+    for line in ("kiln_running_sequences 0.0", "kiln_waiting_sequences 0.0", "kiln_kv_rows_used 0.0", "kiln_kv_blocks_used 0.0",
+                 "kiln_kv_resident_bytes",
                  f"kiln_kv_rows_free {float(rows)}", "kiln_prefix_cache_hit_rate", "kiln_prefix_cache_blocks_used"):
         assert line in body, line
     assert 'kiln_step_batched_tokens_count' in body and "kiln_step_batched_tokens_count 0.0" not in body
@@ -159,3 +160,25 @@ def test_prompt_chunked_beside_a_decode_survives_the_batch_draining(tiny_artifac
         s.stop()
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == want
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_kv_budget_can_never_hold_gets_400(tiny_artifacts, stream):
+    from compiler.runtime.kv_memory import KVBlocks
+
+    path = tiny_artifacts[("llama", "contrib")]
+    s = Server(path, scheduler=None)
+    block = KVBlocks.for_cache(s.engine.config.kv_cache, None)
+    s.stop()
+    s = Server(path, scheduler=SchedulerConfig(kv_cache_gib=2 * block.block_bytes / 2**30))  # 2 blocks
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            r = c.post("/v1/completions", json={"prompt": "The river", "max_tokens": 3 * block.block_tokens, "stream": stream})
+            assert r.status_code == 400, r.text
+            assert "KV budget" in r.json()["error"]["message"] and "--kv-cache-gib" in r.json()["error"]["message"]
+            ok = c.post("/v1/completions", json={"prompt": "The river", "max_tokens": 4})
+            assert ok.status_code == 200
+            body = c.get("/metrics").text
+        assert "kiln_kv_blocks_used 0.0" in body and "kiln_kv_blocks_free 2.0" in body
+    finally:
+        s.stop()
