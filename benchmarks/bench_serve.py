@@ -5,7 +5,8 @@ Scenarios (streaming /v1/completions, temperature 0, the same prompts and max_to
   b  8 clients, prompts of 500-1000 tokens, 64 new (16 requests)
   c  32 clients, 128-token prompts, 64 new (64 requests)
   d  16 requests: a shared 500-token prefix and a short suffix of its own, 64 new; the first
-     alone (it computes the prefix), then the other 15 from 15 clients at once
+     alone (it computes the prefix), then the other 15 from 15 clients, one every 0.5 s (each
+     generates for seconds, so they overlap)
 
 Interleaved: for each scenario kiln runs, then vLLM; each server is started fresh for the scenario
 (so no prefix cache carries over) and stopped before the other starts, so never both compute at
@@ -33,82 +34,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import queue
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import (VLLM_VENV, KilnServer, PeerUnavailable, Server, VllmServer, ensure_vllm,  # noqa: E402
                    kiln_artifact_for, kiln_serve_options)
+from serve_load import PromptSource, machine, run_scenario, stream_request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------- prompts from offline text
-
-class PromptSource:
-    """Exact-length prompts cut from pydoc_data.topics, each from text not used before."""
-
-    def __init__(self, tokenizer_json: Path):
-        from pydoc_data.topics import topics
-        self.tok = Tokenizer.from_file(str(tokenizer_json))
-        corpus = "\n\n".join(topics[k].strip() for k in sorted(topics))
-        self.ids = self.tok.encode(corpus, add_special_tokens=False).ids
-        self.cursor = 0
-
-    def count(self, text: str) -> int:
-        return len(self.tok.encode(text).ids)  # as a server counts a completion prompt
-
-    def take(self, n: int) -> str:
-        """A text of exactly n tokens from the next unused stretch of the corpus."""
-        for shift in range(64):
-            start = self.cursor + shift
-            m = n
-            for _ in range(8):
-                if start + m > len(self.ids) or m <= 0:
-                    break
-                text = self.tok.decode(self.ids[start:start + m])
-                got = self.count(text)
-                if got == n and text.strip():
-                    self.cursor = start + m
-                    return text
-                m += n - got
-        raise RuntimeError(f"no {n}-token prompt found near corpus token {self.cursor} of {len(self.ids)}")
-
-    def shared_prefix(self, prefix_tokens: int, k: int, suffix_tokens: int = 12) -> tuple[list[str], int]:
-        """k prompts: one prefix of prefix_tokens, then "\\n\\n" and a different short text each.
-        Returns them and the number of leading tokens all their encodings share."""
-        prefix = self.take(prefix_tokens)
-        pre_ids = self.tok.encode(prefix).ids
-        prompts = []
-        for _ in range(k):
-            for _attempt in range(16):
-                p = prefix + "\n\n" + self.take(suffix_tokens)
-                if self.tok.encode(p).ids[:prefix_tokens] == pre_ids:
-                    prompts.append(p)
-                    break
-            else:
-                raise RuntimeError("could not keep the shared prefix's tokens intact after a suffix")
-        encs = [self.tok.encode(p).ids for p in prompts]
-        shared = 0
-        while all(len(e) > shared for e in encs) and len({e[shared] for e in encs}) == 1:
-            shared += 1
-        return prompts, shared
 
 
 SCENARIOS = {
     "a": {"title": "1 client, 128-token prompt, 128 new", "clients": 1, "new": 128},
     "b": {"title": "8 clients, 500-1000-token prompts, 64 new", "clients": 8, "new": 64},
     "c": {"title": "32 clients, 128-token prompts, 64 new", "clients": 32, "new": 64},
-    "d": {"title": "1, then 15 together; shared 500-token prefix", "clients": 16, "new": 64},
+    "d": {"title": "1, then 15 every 0.5 s; shared 500-token prefix", "clients": 16, "new": 64},
 }
+D_INTERVAL_S = 0.5
 
 
 def build_prompts(src: PromptSource, key: str) -> tuple[list[str], dict]:
@@ -127,92 +75,15 @@ def build_prompts(src: PromptSource, key: str) -> tuple[list[str], dict]:
     return prompts, {"prompt_tokens": [src.count(p) for p in prompts]}
 
 
-# ---------------------------------------------------------------- one streaming request
-
-def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: int, deadline: float) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    times: list[float] = []
-    finish, usage, done = None, None, False
-    try:
-        with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return {"ok": False, "error": f"HTTP {r.status_code}: {r.read()[:200]!r}"}
-            for line in r.iter_lines():
-                now = time.perf_counter()
-                if now > deadline:
-                    return {"ok": False, "error": "scenario deadline passed mid-stream"}
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    return {"ok": False, "error": str(ev["error"])[:200]}
-                for ch in ev.get("choices") or []:
-                    if ch.get("text"):
-                        times.append(now)
-                    finish = ch.get("finish_reason") or finish
-                if ev.get("usage"):
-                    usage = ev["usage"]
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:160]}"}
-    t1 = time.perf_counter()
-    ok = done and finish is not None and usage is not None and usage.get("completion_tokens") is not None
-    out = {"ok": ok, "start": t0, "end": t1, "finish": finish, "tokens": (usage or {}).get("completion_tokens", 0),
-           "prompt_tokens": (usage or {}).get("prompt_tokens"),
-           "ttft": times[0] - t0 if times else None, "first_at": times[0] if times else None,
-           "itl": np.diff(times).tolist() if len(times) > 1 else []}
-    if not ok:
-        out["error"] = "truncated: " + ", ".join(n for n, v in (("no [DONE]", done), ("no finish_reason", finish),
-                                                               ("no usage", usage)) if not v)
-    return out
-
-
-def run_scenario(url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
-                 timeout_s: float) -> tuple[list[dict], float]:
-    """`clients` threads take the prompts in order from one queue, all released together; after
-    timeout_s nothing more is sent and streams still open are cut (counted as failed)."""
-    work: queue.Queue = queue.Queue()
-    for i, p in enumerate(prompts):
-        work.put((i, p))
-    results: list[dict | None] = [None] * len(prompts)
-    clock: dict[str, float] = {}
-    barrier = threading.Barrier(clients, action=lambda: clock.setdefault("t0", time.perf_counter()))
-    deadline_box: dict[str, float] = {}
-
-    def client_loop() -> None:
-        timeout = httpx.Timeout(connect=10.0, read=min(300.0, timeout_s), write=30.0, pool=30.0)
-        with httpx.Client(base_url=url, timeout=timeout) as c:
-            barrier.wait()
-            deadline = deadline_box.setdefault("deadline", clock["t0"] + timeout_s)
-            while time.perf_counter() < deadline:
-                try:
-                    i, p = work.get_nowait()
-                except queue.Empty:
-                    return
-                results[i] = stream_request(c, model, p, max_tokens, deadline)
-
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout_s + 360)  # a stream is cut at the deadline or by its read timeout
-    out = [r if r is not None else {"ok": False, "error": "not sent before the scenario deadline"} for r in results]
-    ends = [r["end"] for r in out if "end" in r]
-    wall = (max(ends) if ends else time.perf_counter()) - clock.get("t0", time.perf_counter())
-    return out, wall
-
-
 def run_prompts(url: str, model: str, key: str, prompts: list[str], sc: dict, timeout_s: float) -> tuple[list[dict], float]:
     """A scenario's requests; (d): the first alone (it computes the shared prefix), then the
-    others from as many clients, all at once."""
+    others from as many clients, one every D_INTERVAL_S, overlapping as they generate. (A burst
+    of all 15 at once is bounded by computing their 15 suffixes, ~half the first prompt's
+    tokens here, whatever the cache does.)"""
     if key != "d":
         return run_scenario(url, model, prompts, sc["clients"], sc["new"], timeout_s)
     first, w1 = run_scenario(url, model, prompts[:1], 1, sc["new"], timeout_s)
-    later, w2 = run_scenario(url, model, prompts[1:], sc["clients"] - 1, sc["new"], timeout_s)
+    later, w2 = run_scenario(url, model, prompts[1:], sc["clients"] - 1, sc["new"], timeout_s, D_INTERVAL_S)
     return first + later, w1 + w2
 
 
@@ -232,6 +103,8 @@ def summarise(results: list[dict], wall: float, max_tokens: int, expected_prompt
          "itl_p99_ms": pct(itl, 99), "tok_s": round(sum(r["tokens"] for r in ok) / wall, 2) if wall > 0 else None,
          "generated_tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 2),
          "mean_completion_tokens": round(float(np.mean([r["tokens"] for r in ok])), 1) if ok else None,
+         "decode_tok_s_p50": round(float(np.median(rates)), 2) if (rates := [
+             (r["tokens"] - 1) / (r["end"] - r["first_at"]) for r in ok if r["tokens"] > 1 and r["first_at"]]) else None,
          "prompt_tokens_reported": len(seen), "prompt_tokens_mismatched": sum(1 for a, b in seen if a != b),
          "errors": sorted({r.get("error", "") for r in results if not r["ok"]})[:5]}
     if scenario == "d" and results[0]["ok"] and results[0]["ttft"] is not None:
@@ -241,32 +114,6 @@ def summarise(results: list[dict], wall: float, max_tokens: int, expected_prompt
         s["ttft_later_median_ms"] = pct(later, 50)
         s["later_over_first"] = round(s["ttft_later_median_ms"] / s["ttft_first_ms"], 2) if later else None
     return s
-
-
-# ---------------------------------------------------------------- machine
-
-def machine() -> dict:
-    info: dict = {"platform": platform.platform(), "logical_cpus": os.cpu_count(),
-                  "affinity_cpus": len(os.sched_getaffinity(0))}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    blocks = [b for b in text.split("\n\n") if b.strip()]
-    fields = [dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in b.splitlines())) for b in blocks]
-    if fields:
-        f0 = fields[0]
-        flags = set(f0.get("flags", "").split())
-        info["cpu_model"] = f0.get("model name")
-        info["physical_cores"] = len({(f.get("physical id"), f.get("core id")) for f in fields}) or None
-        info["isa"] = {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-                                                 "amx_int8")}
-    try:
-        mem = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-        info["mem_gib"] = round(int(mem.split()[1]) / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 # ---------------------------------------------------------------- main
@@ -290,6 +137,22 @@ def warm_up(server: Server, src_prompt: str) -> None:
             stream_request(c, server.model_name, src_prompt, 8, time.perf_counter() + 300)
 
 
+def kiln_run_reference(artifact: Path, prompts: list[str], new: int, threads: int) -> dict:
+    """`kiln run --json` on each prompt (no server running): medians of the engine's own
+    prefill_ms and decode tok/s; the first run is a warm-up."""
+    got = []
+    for prompt in prompts[:1] + prompts:
+        out = subprocess.run([sys.executable, "-m", "compiler.cli", "run", str(artifact), "--json", "--quiet", "--prompt", prompt,
+                              "--max-new-tokens", str(new), "--threads", str(threads)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            return {"error": out.stderr.strip().splitlines()[-1:]}
+        got.append(json.loads(out.stdout))
+    got = got[1:]
+    return {"prefill_ms": round(float(np.median([g["prefill_ms"] for g in got])), 1),
+            "decode_tok_s": round(float(np.median([g["decode_tok_s"] for g in got])), 2), "runs": len(got)}
+
+
 def print_table(report: dict) -> None:
     cols = ("reqs", "fail", "short", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "tok/s")
     print(f"\n{'scenario':50} {'server':7} " + " ".join(f"{c:>9}" for c in cols))
@@ -309,6 +172,10 @@ def print_table(report: dict) -> None:
         if rt:
             vals = ("", "", "", *(rt.get(k, "") for k in RATIO_KEYS))
             print(f"{'':50} {'k/v':7} " + " ".join(f"{v!s:>9}" for v in vals))
+        if sc.get("kiln_over_kiln_run"):
+            run, r = sc["kiln_run"], sc["kiln_over_kiln_run"]
+            print(f"{'':50} {'kiln':7} against `kiln run` (prefill {run['prefill_ms']} ms, decode {run['decode_tok_s']} tok/s): "
+                  f"TTFT {r['ttft_p50_over_prefill']}x its prefill, decode {r['decode_tok_s']}x")
         for name in ("kiln", "vllm"):
             r = sc["results"].get(name) or {}
             if "ttft_first_ms" in r:
@@ -398,6 +265,8 @@ def main() -> int:
             entry = {"title": sc["title"], "clients": sc["clients"], "requests": len(prompts),
                      "max_tokens": sc["new"], **pinfo, "results": {}}
             report["scenarios"][key] = entry
+            if key == "a":  # the engine alone on the same prompts: (a)'s targets are against it
+                entry["kiln_run"] = kiln_run_reference(artifact, prompts, sc["new"], a.threads)
             for name, server in (("kiln", kiln), ("vllm", peer)):
                 if server is None:
                     if name == "vllm":
@@ -431,6 +300,11 @@ def main() -> int:
                 print(f"[{key}] {name}: {s['requests']} requests, {s['failed_or_truncated']} failed, "
                       f"{s['tok_s']} tok/s, {s['wall_s']} s", file=sys.stderr, flush=True)
             k, v = entry["results"].get("kiln"), entry["results"].get("vllm")
+            if key == "a" and k and "skipped" not in k and entry["kiln_run"].get("prefill_ms"):
+                run = entry["kiln_run"]
+                entry["kiln_over_kiln_run"] = {
+                    "ttft_p50_over_prefill": round(k["ttft_p50_ms"] / run["prefill_ms"], 2),
+                    "decode_tok_s": round(k["decode_tok_s_p50"] / run["decode_tok_s"], 2) if k["decode_tok_s_p50"] else None}
             if k and v and "skipped" not in v:
                 entry["ratio_kiln_over_vllm"] = ratios(k, v)
     finally:
