@@ -8,6 +8,7 @@ and the build's time, peak memory and host.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import platform
@@ -95,6 +96,9 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
             flavour = f"tensorrt-network {engine.tensorrt.precision}"
         else:
             engine, flavour = _emit_onnxruntime(recipe, model, cfg, facts, tmp, progress)
+        if recipe.speculative is not None and (tmp / "engine.json").is_file():  # the runtime's default
+            engine = dataclasses.replace(engine, speculative=recipe.speculative.model_dump())
+            (tmp / "engine.json").write_text(engine.to_json())
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
         nodes = len(model.graph) if model is not None else nodes

@@ -53,12 +53,13 @@ def _run(args) -> int:
             raise ValueError(f"{args.artifact} is a text generator; --embed needs an encoder artifact (e.g. a BertModel)")
         return _embed(engine, args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, stop=tuple(args.stop or ()), chat=args.chat)
+              seed=args.seed, stop=tuple(args.stop or ()), chat=args.chat, **_speculate(args))
     if args.json:
         gen = engine.generate(args.prompt[-1], **kw)
         t = gen.timing
+        spec = {"proposed": t.proposed, "accepted": t.accepted, "acceptance_rate": round(t.acceptance_rate, 4)}
         print(json.dumps({"text": gen.text, "tokens": gen.token_ids, "finish_reason": gen.finish_reason,
-                          "prefill_ms": round(t.prefill_ms, 2), "decode_tok_s": round(t.decode_tok_s, 2)}))
+                          "prefill_ms": round(t.prefill_ms, 2), "decode_tok_s": round(t.decode_tok_s, 2), **spec}))
         return 0
     for piece in engine.stream(args.prompt[-1], **kw):
         sys.stdout.write(piece)
@@ -68,6 +69,23 @@ def _run(args) -> int:
     if not args.quiet:
         print(engine.last_generation.timing.summary(), file=sys.stderr)
     return 0
+
+
+def _speculate(args) -> dict:
+    """--speculate / --draft / --num-speculative as generate()'s speculate= and num_speculative=."""
+    from compiler.runtime import Draft
+
+    if args.draft and args.speculate not in (None, "draft"):
+        raise ValueError(f"--draft goes with --speculate draft, not --speculate {args.speculate}")
+    speculate = Draft(args.draft) if args.draft else args.speculate
+    return {"speculate": speculate, "num_speculative": args.num_speculative}
+
+
+def _speculative_flags(p) -> None:
+    p.add_argument("--speculate", choices=("ngram", "draft", "off"),
+                   help="speculative decoding: prompt lookup, a draft artifact, or off (default: the recipe's)")
+    p.add_argument("--draft", help="the draft artifact for --speculate draft (same tokenizer, e.g. an int4 build)")
+    p.add_argument("--num-speculative", type=_positive, help="tokens proposed a step (default: adaptive)")
 
 
 def _embed(engine, args) -> int:
@@ -120,8 +138,12 @@ def _serve(args) -> int:
     from compiler.runtime.core import SchedulerConfig
 
     name = args.name or Path(args.artifact).resolve().name
+    from compiler.runtime.speculative import resolve
+
+    spec = _speculate(args)
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            kv_cache_gib=args.kv_cache_gib, prefix_cache_tokens=args.prefix_cache_tokens)
+                            kv_cache_gib=args.kv_cache_gib, prefix_cache_tokens=args.prefix_cache_tokens,
+                            speculative=resolve(spec["speculate"], engine, spec["num_speculative"]))
     app = create_app(engine, name, args.max_queue, sched)
     if not args.quiet:
         core = app.state.batcher.core
@@ -129,7 +151,8 @@ def _serve(args) -> int:
               if core.blocks is not None else "")
         print(f"serving {name} on http://{args.host}:{args.port}/v1 ({core.rows.rows} sequences of up to {engine.config.max_seq} "
               f"tokens, {kv}{sched.max_num_batched_tokens} tokens a step, prefix cache "
-              f"{sched.prefix_cache_tokens if core.prefix else 0} tokens, queue {args.max_queue})", file=sys.stderr)
+              f"{sched.prefix_cache_tokens if core.prefix else 0} tokens, queue {args.max_queue}"
+              f"{', speculative ' + sched.speculative.method if sched.speculative else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
 
@@ -248,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
+    _speculative_flags(r)
 
     pl = cmd("plugins", _plugins, "list the custom-op plugins, or scaffold a new one")
     pl.add_argument("action", choices=["list", "new"])
@@ -270,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefix-cache-tokens", type=int, default=4096,
                     help="KV of shared prompt prefixes kept for reuse, in tokens (0: off; CPU engines)")
     sv.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
+    _speculative_flags(sv)
     pb = cmd("publish", _publish, "push an artifact to an OCI registry (ORAS) or a directory")
     pb.add_argument("artifact")
     pb.add_argument("ref", help="HOST[:PORT]/REPO[:TAG] or dir://PATH")

@@ -63,6 +63,26 @@ class QualityLimits(_Strict):
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
 
 
+class SpeculativeOptions(_Strict):
+    """Speculative decoding that `kiln run`, `kiln serve` and generate() use by default with this
+    engine (runtime/speculative.py); their own flags override it."""
+
+    method: Literal["ngram", "draft"] = "ngram"  # prompt lookup, or a draft artifact
+    num_speculative: int | None = Field(None, ge=1, le=32, description="tokens proposed a step; none: adaptive")
+    max_speculative: int = Field(8, ge=1, le=32)
+    draft: str | None = Field(None, description="method draft: a sibling artifact's name, or a path")
+    ngram_max: int = Field(3, ge=1, le=16)
+    ngram_min: int = Field(1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _draft_iff_method(self):
+        if (self.method == "draft") != bool(self.draft):
+            raise ValueError("method draft needs draft: ARTIFACT, and only it takes one")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min must be <= ngram_max")
+        return self
+
+
 class Recipe(_Strict):
     schema_version: Literal[1] = Field(alias="schema")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
@@ -78,6 +98,7 @@ class Recipe(_Strict):
     quality: QualityLimits = QualityLimits()
     parallel: ParallelOptions = ParallelOptions()
     plugins: list[str] = []  # custom-op plugins whose rewrite passes run after `passes` (kiln plugins list)
+    speculative: SpeculativeOptions | None = None
 
     @field_validator("passes")
     @classmethod

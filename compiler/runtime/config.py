@@ -119,6 +119,7 @@ class EngineConfig:
     tensorrt: TensorRTSpec | None = None  # TensorRT engines only
     task: str = "generate"  # "generate" (decoder with KV cache) | "embed" (encoder -> sentence embeddings)
     parallel: ParallelSpec | None = None  # multi-rank engines only (kv_cache then holds one rank's heads)
+    speculative: dict | None = None  # the recipe's speculative section: the runtime's default (runtime/speculative.py)
     format: int = ENGINE_FORMAT
 
     def to_json(self) -> str:

@@ -28,6 +28,7 @@ from compiler.runtime.kv_memory import KVBlocks
 from compiler.runtime.packing import pack
 from compiler.runtime.rows import RowPool
 from compiler.runtime.sampling import SamplingParams, sample
+from compiler.runtime.speculative import SpeculativeConfig, Speculator
 from compiler.runtime.text import TextStream
 
 
@@ -42,6 +43,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens one step feeds: all decodes, then prompt chunks
     prefix_cache_tokens: int = 0  # KV kept for prefix reuse (0: off); CPU engines
     prefix_block_size: int = 16  # tokens per prefix block
+    speculative: SpeculativeConfig | None = None  # propose and verify several tokens a step
 
     def __post_init__(self):
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
@@ -99,7 +101,14 @@ class EngineCore:
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "batched_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0}
+        self.stats = {"steps": 0, "batched_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0,
+                      "proposed": 0, "accepted": 0}
+        self.spec = None
+        if self.sched.speculative is not None:
+            if not self.rows.sliceable:
+                raise ValueError("speculative decoding runs on CPU (ONNX Runtime) engines; this engine binds every row "
+                                 "each step")
+            self.spec = Speculator(engine, self.sched.speculative, self.rows.rows)
 
     def _row_count(self) -> int:
         """max_num_seqs (default: DEFAULT_ROWS for host rows, which cost only what they hold; the
@@ -178,7 +187,9 @@ class EngineCore:
         self._reap_cancelled(outs)
         self._admit()
         decodes = [r for r in self.running if not r.prefilling]
-        budget = max(self.sched.max_num_batched_tokens - len(decodes), 0)
+        guesses = self._proposals(decodes)  # speculating sequences: verified each in a step of its own
+        decodes = [r for r in decodes if r.id not in guesses]
+        budget = max(self.sched.max_num_batched_tokens - len(decodes) - sum(len(g) + 1 for g in guesses.values()), 0)
         chunks, computing = [], set()  # prefix blocks this step's chunks will complete
         for r in sorted((r for r in self.running if r.prefilling), key=lambda r: (r.priority, r.id)):
             self._reuse_prefix(r)
@@ -193,14 +204,50 @@ class EngineCore:
                 self.prefix.count(r.prompt_len, r.fed)
             chunks.append((r, n))
             budget -= n
-        if not decodes and not chunks:
+        if not decodes and not chunks and not guesses:
             return outs
         self._run(decodes, chunks, outs)
+        for r in [r for r in self.running if r.id in guesses]:
+            self._speculate(r, guesses[r.id], outs)
         self.stats["steps"] += 1
-        self.stats["decode_tokens"] += len(decodes)
+        self.stats["decode_tokens"] += len(decodes) + len(guesses)
         self.stats["prefill_tokens"] += sum(n for _, n in chunks)
-        self.stats["batched_tokens"] = len(decodes) + sum(n for _, n in chunks)  # of the last step
+        self.stats["batched_tokens"] = len(decodes) + sum(n for _, n in chunks) + sum(len(g) + 1 for g in guesses.values())
         return outs
+
+    # -- speculative decoding (runtime/speculative.py) -------------------------------------------
+    def _proposals(self, decodes: list[_Request]) -> dict[int, list[int]]:
+        if self.spec is None:
+            return {}
+        out = {}
+        for r in decodes:
+            room = min(r.limit - len(r.gen.token_ids) - 1, self.cfg.max_seq - 1 - r.fed)
+            guess = self.spec.propose(r.id, r.tokens, room)
+            if guess:
+                out[r.id] = guess
+        return out
+
+    def _speculate(self, r: _Request, guess: list[int], outs: list[StepOutput]) -> None:
+        """Feed the last token and the proposals in one step of r's row alone, keep what the
+        target accepts and its own next token; the rest of the row is past r's length."""
+        tokens, fed = r.pending[:1] + guess, r.fed
+        try:
+            io = self.rows.binding(r.row, r.row + 1)
+            logits = self.engine.session.step(io, np.asarray([tokens]), (fed + np.arange(len(tokens)))[None],
+                                              np.arange(len(tokens))[None])[0]  # [k + 1, V]
+        except Exception as e:  # noqa: BLE001  (this request fails; the others go on)
+            self._fail(r, e, outs)
+            return
+        n, nxt = self.spec.verify(r.id, guess, logits, r.params, r.rng, fed + 1)
+        r.fed = fed + 1 + n
+        r.gen.timing.proposed += len(guess)
+        r.gen.timing.accepted += n
+        self.stats["proposed"] += len(guess)
+        self.stats["accepted"] += n
+        for tok in guess[:n] + [nxt]:
+            self._advance(r, tok, outs)
+            if r.row is None:  # it finished
+                break
 
     def _reap_cancelled(self, outs: list[StepOutput]) -> None:
         for queue in (self.waiting, self.running):
@@ -258,6 +305,8 @@ class EngineCore:
             self.prefix.store(r.tokens, r.fed, self.rows.cache._arrays, r.row)
 
     def _release(self, req: _Request) -> None:
+        if self.spec is not None:
+            self.spec.release(req.id)
         if self.blocks is not None:
             self.blocks.release(req.id)
         if req.row is not None:

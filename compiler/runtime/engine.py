@@ -17,11 +17,12 @@ import numpy as np
 from compiler.runtime.config import EngineConfig
 from compiler.runtime.generation import Generation, GenerationConfig, Timing
 from compiler.runtime.session import DecoderSession
+from compiler.runtime.speculative import Draft, resolve
 from compiler.runtime.text import Text
 
 Prompt = str | list[dict]  # plain text, or chat messages
 
-__all__ = ["Engine", "Generation", "GenerationConfig", "Prompt", "Timing", "load"]
+__all__ = ["Draft", "Engine", "Generation", "GenerationConfig", "Prompt", "Timing", "load"]
 
 
 class Engine:
@@ -46,19 +47,23 @@ class Engine:
             self.session = DecoderSession(self.path, self.config, threads, config_entries)
 
     # -- public API -----------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **kw) -> Generation | list[Generation]:
+    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *, speculate=None,
+                 num_speculative: int | None = None, **kw) -> Generation | list[Generation]:
+        """speculate: None (the engine's recipe default), "off", "ngram", "draft" or Draft(path)
+        (runtime/speculative.py); num_speculative: tokens proposed a step (default adaptive)."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
         gens: dict[int, Generation] = {}
-        for i, piece, gen in self._run(batch, _config(config, kw)):
+        for i, piece, gen in self._run(batch, _config(config, kw), resolve(speculate, self, num_speculative)):
             if gen is not None:
                 gens[i] = gen
         return gens[0] if single else [gens[i] for i in range(len(batch))]
 
-    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **kw) -> Iterator[str]:
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, *, speculate=None,
+               num_speculative: int | None = None, **kw) -> Iterator[str]:
         """Yields text pieces of one prompt as they become final; `last_generation` holds the
-        whole Generation (and its timing) once the stream ends."""
-        for _, piece, gen in self._run([prompt], _config(config, kw)):
+        whole Generation (and its timing) once the stream ends. speculate: as in generate()."""
+        for _, piece, gen in self._run([prompt], _config(config, kw), resolve(speculate, self, num_speculative)):
             if piece:
                 yield piece
             if gen is not None:
@@ -70,13 +75,14 @@ class Engine:
 
         return EngineCore(self, config)
 
-    def _run(self, prompts: list[Prompt], cfg: GenerationConfig) -> Iterator[tuple[int, str, Generation | None]]:
+    def _run(self, prompts: list[Prompt], cfg: GenerationConfig, speculative=None) -> Iterator[tuple[int, str, Generation | None]]:
         """(index, text piece, the Generation once it is complete) for a batch of prompts."""
         from compiler.runtime.core import SchedulerConfig
 
         ids = [self.text.prompt_ids(p, cfg.chat) for p in prompts]
         core = self.core(SchedulerConfig(max_num_seqs=min(len(ids), self.config.max_batch),
-                                         max_num_batched_tokens=max(self.config.max_seq, len(ids))))
+                                         max_num_batched_tokens=max(self.config.max_seq, len(ids)),
+                                         speculative=speculative))
         # one generator per prompt: a seeded batch samples each row differently, a single prompt
         # exactly as its seed says
         seeds = [cfg.seed] if len(ids) == 1 or cfg.seed is None else np.random.SeedSequence(cfg.seed).spawn(len(ids))

@@ -24,16 +24,24 @@ class GenerationConfig:
 class Timing:
     prompt_tokens: int = 0
     prefill_ms: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # tokens decoded after the first
     decode_s: float = 0.0
+    proposed: int = 0  # speculative decoding: tokens proposed, and of them accepted
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
 
     @property
     def decode_tok_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
     def summary(self) -> str:
+        spec = (f" | speculative: {self.accepted}/{self.proposed} accepted ({100 * self.acceptance_rate:.0f}%)"
+                if self.proposed else "")
         return (f"prefill {self.prompt_tokens} tok in {self.prefill_ms:.1f} ms | "
-                f"decode {self.decode_steps} tok at {self.decode_tok_s:.1f} tok/s")
+                f"decode {self.decode_steps} tok at {self.decode_tok_s:.1f} tok/s{spec}")
 
 
 @dataclass

@@ -35,6 +35,25 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 
 def _sample_row(row: np.ndarray, p: SamplingParams, u: float) -> int:
+    order, probs = _filtered(row, p)
+    idx = min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(order) - 1)
+    return int(order[idx])
+
+
+def distribution(row: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The distribution `sample` draws from for one row of logits [V], over the whole vocabulary
+    (zeros outside top-k / top-p); greedy is one-hot on the argmax."""
+    probs = np.zeros(row.shape[-1], dtype=np.float64)
+    if p.greedy:
+        probs[int(row.argmax())] = 1.0
+        return probs
+    order, kept = _filtered(row, p)
+    probs[order] = kept
+    return probs
+
+
+def _filtered(row: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids best first and their probabilities after temperature, top-k and top-p."""
     scaled = row.astype(np.float64) / p.temperature
     order = np.argsort(-scaled, kind="stable")  # [V] best first
     if p.top_k:
@@ -46,5 +65,4 @@ def _sample_row(row: np.ndarray, p: SamplingParams, u: float) -> int:
         keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)  # smallest prefix with mass >= top_p
         probs = probs[:keep] / probs[:keep].sum()
         order = order[:keep]
-    idx = min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(order) - 1)
-    return int(order[idx])
+    return order, probs

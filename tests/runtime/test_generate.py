@@ -107,6 +107,6 @@ def test_kv_cache_allocated_once_and_updated_in_place(engine, monkeypatch):
 def test_too_long_prompt_is_refused_and_a_big_batch_queues(engine):
     with pytest.raises(ValueError, match="max_seq"):
         engine.generate("word " * 400, max_new_tokens=4)
-    prompts = ["a", "b c", "d e f", "g", "h i"]  # more than max_batch: CPU rows are not capped by it
+    prompts = ["a", "b c", "d e f", "g", "h i"]  # one more than max_batch: the fifth waits for a row
     assert [g.token_ids for g in engine.generate(prompts, max_new_tokens=4)] == \
         [engine.generate(p, max_new_tokens=4).token_ids for p in prompts]

@@ -1,0 +1,78 @@
+"""A draft engine that proposes tokens for speculative decoding (`runtime/speculative.py`).
+
+Any kiln artifact whose tokenizer is the target's can draft, for example the int4 build of the
+model drafting for its fp32 build. It keeps one KV row per sequence, in step with the target:
+before proposing it is fed what it has not seen of the sequence (the target's accepted tokens
+since its last proposal), then it decodes k tokens greedily. After verification it rolls back
+to the tokens the target kept; entries past that are never read and get overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from compiler.runtime.rows import RowPool
+
+
+def _tokenizer_digest(path: Path) -> str:
+    return hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+
+
+class DraftProposer:
+    def __init__(self, target, path: str | Path, rows: int, threads: int | None = None):
+        from compiler.runtime.engine import load
+
+        path = Path(path)
+        self.engine = load(path, threads=threads)
+        if getattr(self.engine.config, "task", "generate") != "generate":
+            raise ValueError(f"draft {path} is not a text generator")
+        if (self.engine.config.vocab_size != target.config.vocab_size
+                or _tokenizer_digest(path) != _tokenizer_digest(target.path)):
+            raise ValueError(f"draft {path} has another tokenizer than the target {target.path}; a draft must share it "
+                             f"(for example an int4 build of the same checkpoint)")
+        if getattr(self.engine.session, "cache_rows", None) is None:
+            raise ValueError(f"draft {path} runs on {self.engine.config.session.execution_provider}; drafts run on CPU engines")
+        self.rows = RowPool(self.engine.session, rows)
+        self.seqs: dict[int, list[int]] = {}  # request id -> [row, tokens fed]
+        self.max_seq = self.engine.config.max_seq
+
+    def propose(self, request_id: int, tokens: list[int], k: int) -> list[int]:
+        """Up to k greedy draft tokens after `tokens` (the sequence so far, its last token included)."""
+        state = self.seqs.get(request_id)
+        if state is None:
+            row = self.rows.acquire()
+            if row is None:
+                return []
+            state = self.seqs[request_id] = [row, 0]
+        row, fed = state
+        k = min(k, self.max_seq - len(tokens))
+        if k < 1:
+            return []
+        io = self.rows.binding(row, row + 1)
+        chunk = tokens[fed:]  # what the draft has not seen, the last token at least
+        out = [self._next(io, chunk, fed)]
+        fed = len(tokens)
+        for _ in range(k - 1):
+            out.append(self._next(io, out[-1:], fed))
+            fed += 1
+        state[1] = fed
+        return out
+
+    def _next(self, io, chunk: list[int], start: int) -> int:
+        ids = np.asarray([chunk], dtype=np.int64)
+        pos = (start + np.arange(len(chunk), dtype=np.int64))[None]
+        return int(self.engine.session.step(io, ids, pos)[0, -1].argmax())
+
+    def rollback(self, request_id: int, keep: int) -> None:
+        """The target kept `keep` tokens of the sequence in its cache: forget the draft's rest."""
+        state = self.seqs.get(request_id)
+        if state is not None:
+            state[1] = min(state[1], keep)
+
+    def release(self, request_id: int) -> None:
+        state = self.seqs.pop(request_id, None)
+        if state is not None:
+            self.rows.release(state[0])

@@ -1,0 +1,155 @@
+"""Speculative decoding in the engine core: prompt lookup and draft engines give the plain greedy
+output token for token (batch 1 and 3, chunked prefill and prefix reuse on), sampling keeps the
+target's distribution, rejected tokens leave no stale KV, and the number of proposals adapts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from compiler.runtime import load
+from compiler.runtime.core import EngineCore, SchedulerConfig
+from compiler.runtime.generation import GenerationConfig
+from compiler.runtime.sampling import SamplingParams, distribution
+from compiler.runtime.speculative import AdaptiveK, SpeculativeConfig, ngram_propose, verify_greedy, verify_sampled
+from tests.conftest import build_artifact, make_tiny
+from tests.runtime.test_core import PROMPTS, drain, reference
+
+N = 24
+LOOPY = "one two three one two three one two three one two"
+
+
+def test_ngram_proposes_the_continuation_of_the_latest_match():
+    assert ngram_propose([1, 2, 3, 9, 1, 2, 3, 7, 1, 2], 3) == [3, 7, 1]  # the latest "1 2" is followed by 3 7 ...
+    assert ngram_propose([5, 6, 7, 5], 2) == [6, 7]  # falls back to a 1-gram
+    assert ngram_propose([1, 2, 3], 4) == [] and ngram_propose([4], 2) == [] and ngram_propose([1, 1], 0) == []
+
+
+def test_adaptive_k_grows_shrinks_and_pauses():
+    a = AdaptiveK(SpeculativeConfig(max_speculative=8))
+    assert a.next() == 4
+    a.update(4, 4)
+    assert a.next() == 6
+    a.update(6, 2)
+    assert a.next() == 2
+    a.update(2, 0)
+    assert a.next() == 1
+    a.update(1, 0)
+    assert [a.next() for _ in range(16)] == [0] * 16 and a.next() == 1
+    fixed = AdaptiveK(SpeculativeConfig(num_speculative=3))
+    fixed.update(3, 0)
+    assert fixed.next() == 3
+
+
+def test_bad_speculative_settings_are_refused():
+    for kw in ({"method": "medusa"}, {"method": "draft"}, {"draft": "x"}, {"num_speculative": 0}, {"ngram_min": 4}):
+        with pytest.raises(ValueError):
+            SpeculativeConfig(**kw)
+
+
+def test_greedy_verification_keeps_the_agreeing_prefix():
+    logits = np.eye(6)[[3, 4, 5, 1]]  # the target says 3, 4, 5, then 1
+    assert verify_greedy([3, 4, 0], logits) == (2, 5)
+    assert verify_greedy([3, 4, 5], logits) == (3, 1)
+    assert verify_greedy([0, 4, 5], logits) == (0, 3)
+
+
+def test_sampled_verification_keeps_the_target_distribution():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 6)) * 2
+    params = SamplingParams(temperature=0.8, top_k=5)
+    p = distribution(logits[0], params)
+    for proposal in (int(p.argmax()), int(p.argmin())):  # a likely and an impossible proposal
+        draws = rng.integers(0, 2**32, 1)
+        gen = np.random.default_rng(draws[0])
+        firsts = [[proposal, None][n == 0] if n else tok for n, tok in
+                  (verify_sampled([proposal], logits, params, gen) for _ in range(20000))]
+        freq = np.bincount(firsts, minlength=6) / len(firsts)
+        assert np.abs(freq - p).max() < 0.015, (proposal, freq, p)
+
+
+@pytest.fixture(scope="module", params=["contrib", "standard"])
+def engine(request, tiny_artifacts):
+    return load(tiny_artifacts[("llama", request.param)])
+
+
+def _run(engine, prompts, spec, **sched):
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, speculative=spec, **sched))
+    rids = [core.add_request(engine.text.prompt_ids(p, False), GenerationConfig(max_new_tokens=N)) for p in prompts]
+    got = drain(core)
+    assert core.rows.free == core.rows.rows and core.blocks.used == 0
+    return [got[r] for r in rids], core
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prompt_lookup_gives_the_plain_greedy_output(engine, batch):
+    prompts = [LOOPY, *PROMPTS][:batch]
+    refs = [reference(engine, engine.text.prompt_ids(p, False), N) for p in prompts]
+    got, core = _run(engine, prompts, SpeculativeConfig(), max_num_batched_tokens=5, prefix_cache_tokens=256,
+                     prefix_block_size=4)
+    assert got == refs
+    assert core.stats["proposed"] > 0
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory):
+    """A tiny llama with other weights and the same tokenizer: it proposes wrong tokens often."""
+    root = tmp_path_factory.mktemp("draft")
+    return build_artifact(make_tiny("llama", root / "ckpt", seed=1), root, "draft")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_draft_engine_gives_the_plain_greedy_output(engine, tiny_artifacts, other_draft, batch):
+    prompts = [LOOPY, *PROMPTS][:batch]
+    refs = [reference(engine, engine.text.prompt_ids(p, False), N) for p in prompts]
+    same = SpeculativeConfig(method="draft", draft=str(tiny_artifacts[("llama", "contrib")]), num_speculative=4)
+    got, core = _run(engine, prompts, same, max_num_batched_tokens=7)
+    assert got == refs and core.stats["accepted"] == core.stats["proposed"] > 0  # the same weights agree
+    other = SpeculativeConfig(method="draft", draft=str(other_draft), num_speculative=4)
+    got, core = _run(engine, prompts, other, max_num_batched_tokens=7, prefix_cache_tokens=256, prefix_block_size=4)
+    assert got == refs and core.stats["accepted"] < core.stats["proposed"]  # rejections roll back exactly
+
+
+def test_rejected_proposals_leave_no_stale_kv(engine):
+    """A step that proposes garbage, then a continuation: the same as never proposing."""
+    ids = engine.text.prompt_ids(PROMPTS[1], False)
+    ref = reference(engine, ids, N)
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=1, speculative=SpeculativeConfig(num_speculative=6)))
+    core.spec.propose = lambda rid, tokens, room: [(t + 7) % engine.config.vocab_size for t in tokens[-min(6, room):]]
+    rid = core.add_request(ids, GenerationConfig(max_new_tokens=N))
+    assert drain(core)[rid] == ref
+    assert core.stats["proposed"] > core.stats["accepted"]
+
+
+def test_a_draft_with_another_tokenizer_is_refused(engine, tiny_artifacts, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_artifacts[("llama", "contrib")], other)
+    tok = other / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|im_end|>"', '"<|end|>"'))
+    manifest = json.loads((other / "kiln.json").read_text())  # re-listed: a consistent artifact, another tokenizer
+    manifest["files"]["tokenizer.json"] = hashlib.sha256(tok.read_bytes()).hexdigest()
+    manifest["sizes"]["tokenizer.json"] = tok.stat().st_size
+    (other / "kiln.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        EngineCore(engine, SchedulerConfig(speculative=SpeculativeConfig(method="draft", draft=str(other))))
+
+
+def test_the_recipe_section_is_the_default_of_generate_run_and_the_card(tiny_checkpoints, tmp_path, capsys):
+    from compiler.cli import main
+    from compiler.errors import KilnError
+
+    art = build_artifact(tiny_checkpoints["llama"], tmp_path, "spec", speculative={"method": "ngram", "num_speculative": 3})
+    assert "speculative decoding by default: prompt lookup" in (art / "README.md").read_text()
+    engine = load(art)
+    on, off = engine.generate(LOOPY, max_new_tokens=N), engine.generate(LOOPY, max_new_tokens=N, speculate="off")
+    assert on.token_ids == off.token_ids and on.timing.proposed > 0 and off.timing.proposed == 0
+    assert main(["run", str(art), "--prompt", LOOPY, "--max-new-tokens", str(N), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == on.token_ids and out["proposed"] > 0 and 0 <= out["acceptance_rate"] <= 1
+    with pytest.raises(KilnError, match="speculative"):
+        build_artifact(tiny_checkpoints["llama"], tmp_path, "bad", speculative={"method": "draft"})
