@@ -65,6 +65,7 @@ bench: setup model
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
 	$(BIN)/python benchmarks/bench_parallel.py --out bench-results/bench-parallel.json
+	$(BIN)/python benchmarks/bench_speculative.py --out bench-results/bench-speculative.json
 
 bench-plugins: setup   ## plugin kernels vs torch eager and the bandwidth bound (needs an NVIDIA GPU)
 	$(BIN)/python benchmarks/bench_plugins.py --out bench-results/bench-plugins.json

@@ -26,19 +26,15 @@ import numpy as np
 from compiler.runtime.generation import Generation, GenerationConfig, Timing
 from compiler.runtime.kv_memory import KVBlocks
 from compiler.runtime.packing import pack
-from compiler.runtime.rows import RowPool
+from compiler.runtime.rows import RowPool, row_count
 from compiler.runtime.sampling import SamplingParams, sample
 from compiler.runtime.speculative import SpeculativeConfig, Speculator
 from compiler.runtime.text import TextStream
 
 
-DEFAULT_ROWS = 64  # host KV rows when max_num_seqs is not set
-DEFAULT_KV_GIB = 4.0  # the KV budget of host rows when kv_cache_gib is not set
-
-
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int | None = None  # sequences running at once (KV rows); None: see EngineCore._row_count
+    max_num_seqs: int | None = None  # sequences running at once (KV rows); None: see rows.row_count
     kv_cache_gib: float | None = None  # KV memory budget: blocks of host rows, or whole device rows
     max_num_batched_tokens: int = 512  # tokens one step feeds: all decodes, then prompt chunks
     prefix_cache_tokens: int = 0  # KV kept for prefix reuse (0: off); CPU engines
@@ -94,8 +90,9 @@ class EngineCore:
     def __init__(self, engine, config: SchedulerConfig | None = None):
         self.engine, self.cfg = engine, engine.config
         self.sched = config or SchedulerConfig()
-        self.rows = RowPool(engine.session, self._row_count())
-        self.blocks = self._kv_blocks()
+        sliceable = getattr(engine.session, "cache_rows", None) is not None
+        self.rows = RowPool(engine.session, row_count(self.cfg, sliceable, self.sched.max_num_seqs, self.sched.kv_cache_gib))
+        self.blocks = KVBlocks.for_budget(self.cfg.kv_cache, self.sched.kv_cache_gib) if sliceable else None
         self.samples = bool(getattr(engine.session, "samples", False))
         self.prefix = self._prefix_cache()
         self.waiting: list[_Request] = []
@@ -109,34 +106,6 @@ class EngineCore:
                 raise ValueError("speculative decoding runs on CPU (ONNX Runtime) engines; this engine binds every row "
                                  "each step")
             self.spec = Speculator(engine, self.sched.speculative, self.rows.rows)
-
-    def _row_count(self) -> int:
-        """max_num_seqs (default: DEFAULT_ROWS for host rows, which cost only what they hold; the
-        engine's max_batch for engines that bind every row at once, and at most that). Rows of
-        device memory are allocated whole, so a KV budget caps their number."""
-        if getattr(self.engine.session, "cache_rows", None) is not None:
-            return self.sched.max_num_seqs or max(self.cfg.max_batch, DEFAULT_ROWS)
-        rows = min(self.sched.max_num_seqs or self.cfg.max_batch, self.cfg.max_batch)
-        kv = self.cfg.kv_cache
-        if self.sched.kv_cache_gib is not None and kv is not None:
-            row_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.max_seq * kv.head_dim * np.dtype(kv.dtype).itemsize
-            fit = int(self.sched.kv_cache_gib * 2**30 // row_bytes)
-            if fit < 1:
-                raise ValueError(f"a KV budget of {self.sched.kv_cache_gib} GiB holds no sequence of max_seq {kv.max_seq} "
-                                 f"({row_bytes / 2**30:.3f} GiB each); raise it")
-            rows = min(rows, fit)
-        return rows
-
-    def _kv_blocks(self) -> KVBlocks | None:
-        """Block accounting of host rows under the KV budget (None: rows are the only limit)."""
-        kv = self.cfg.kv_cache
-        if kv is None or not self.rows.sliceable:
-            return None
-        blocks = KVBlocks.for_cache(kv, self.sched.kv_cache_gib or DEFAULT_KV_GIB)
-        if blocks.capacity < 1:
-            raise ValueError(f"a KV budget of {blocks.budget_gib} GiB holds no block of {blocks.block_tokens} tokens "
-                             f"({blocks.block_bytes / 2**20:.2f} MiB); raise it")
-        return blocks
 
     # -- requests --------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], config: GenerationConfig) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PAGE = mmap.PAGESIZE
+DEFAULT_KV_GIB = 4.0  # the KV budget of host rows when none is set
 
 
 class PagedArray:
@@ -86,6 +87,18 @@ class KVBlocks:
         block_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * itemsize * tokens
         capacity = None if budget_gib is None else int(budget_gib * 2**30 // block_bytes)
         return cls(tokens, block_bytes, capacity, budget_gib)
+
+    @classmethod
+    def for_budget(cls, kv, budget_gib: float | None) -> "KVBlocks | None":
+        """The accounting of an engine core's host rows (None for encoders): the budget, or
+        DEFAULT_KV_GIB; a budget that holds no block is refused."""
+        if kv is None:
+            return None
+        blocks = cls.for_cache(kv, budget_gib or DEFAULT_KV_GIB)
+        if blocks.capacity < 1:
+            raise ValueError(f"a KV budget of {blocks.budget_gib} GiB holds no block of {blocks.block_tokens} tokens "
+                             f"({blocks.block_bytes / 2**20:.2f} MiB); raise it")
+        return blocks
 
     def blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_tokens)

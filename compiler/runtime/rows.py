@@ -14,7 +14,28 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
+import numpy as np
+
 _MAX_BINDINGS = 64  # distinct row ranges kept bound (an IO binding per range)
+DEFAULT_ROWS = 64  # host KV rows when max_num_seqs is not set
+
+
+def row_count(cfg, sliceable: bool, max_num_seqs: int | None, kv_cache_gib: float | None) -> int:
+    """Rows for an engine core: max_num_seqs (default DEFAULT_ROWS for host rows, which cost only
+    what they hold; for engines that bind every row at once, their max_batch and at most that).
+    Device rows are allocated whole, so a KV budget caps their number."""
+    if sliceable:
+        return max_num_seqs or max(cfg.max_batch, DEFAULT_ROWS)
+    rows = min(max_num_seqs or cfg.max_batch, cfg.max_batch)
+    kv = cfg.kv_cache
+    if kv_cache_gib is not None and kv is not None:
+        row_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.max_seq * kv.head_dim * np.dtype(kv.dtype).itemsize
+        fit = int(kv_cache_gib * 2**30 // row_bytes)
+        if fit < 1:
+            raise ValueError(f"a KV budget of {kv_cache_gib} GiB holds no sequence of max_seq {kv.max_seq} "
+                             f"({row_bytes / 2**30:.3f} GiB each); raise it")
+        rows = min(rows, fit)
+    return rows
 
 
 class RowPool:
