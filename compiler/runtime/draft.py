@@ -26,7 +26,8 @@ class DraftProposer:
         from compiler.runtime.engine import load
 
         path = Path(path)
-        self.engine = load(path, threads=threads)
+        # its threads stop spinning when a step ends: two spinning pools on the same cores slow each other
+        self.engine = load(path, threads=threads, config_entries={"session.force_spinning_stop": "1"})
         if getattr(self.engine.config, "task", "generate") != "generate":
             raise ValueError(f"draft {path} is not a text generator")
         if (self.engine.config.vocab_size != target.config.vocab_size

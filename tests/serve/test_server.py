@@ -182,3 +182,25 @@ def test_a_request_the_kv_budget_can_never_hold_gets_400(tiny_artifacts, stream)
         assert "kiln_kv_blocks_used 0.0" in body and "kiln_kv_blocks_free 2.0" in body
     finally:
         s.stop()
+
+
+def test_speculative_serving_answers_as_plain_serving(tiny_artifacts):
+    """kiln serve with prompt lookup on: streamed and whole answers equal the plain server's."""
+    from compiler.runtime.speculative import SpeculativeConfig
+
+    path = tiny_artifacts[("llama", "contrib")]
+    body = {"prompt": "one two three one two three one two", "max_tokens": 24}
+    answers = []
+    for spec in (None, SpeculativeConfig()):
+        s = Server(path, scheduler=SchedulerConfig(max_num_batched_tokens=6, speculative=spec))
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(3) as pool:
+                whole = list(pool.map(lambda p: c.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"],
+                                      [body["prompt"], *PROMPTS[:2]]))
+                streamed, _ = _sse(c, "/v1/completions", body)
+            answers.append((whole, streamed))
+            if spec is not None:
+                assert s.batcher.core.stats["proposed"] > 0
+        finally:
+            s.stop()
+    assert answers[0] == answers[1]
