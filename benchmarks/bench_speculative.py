@@ -109,7 +109,7 @@ def run_genai(model_dir: str, ids: list[list[int]], threads: int) -> list[dict]:
             gen.generate_next_token()
             n += 1
         if i:
-            out.append({"tokens": list(gen.get_sequence(0))[len(x):], "decode_tok_s": (n - 1) / (time.perf_counter() - t1)})
+            out.append({"tokens": [int(t) for t in gen.get_sequence(0)][len(x):], "decode_tok_s": (n - 1) / (time.perf_counter() - t1)})
     return out
 
 

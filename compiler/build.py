@@ -75,8 +75,9 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     if lay is not None:
         model = None  # each rank builds its own graph
     else:
-        pm = PassManager(make(recipe.passes) + plugin_ops.rewrite_passes(recipe)
-                         + _quant_passes(recipe, arch, cfg, ckpt, progress, digest), dump_dir=dump_ir)
+        # quantisation before the plugins' rewrites: its smoothing finds its sinks in the graph it knows
+        pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress, digest)
+                         + plugin_ops.rewrite_passes(recipe), dump_dir=dump_ir)
         model = pm.run(model)
         model, plugin_records = plugin_ops.bind(model, recipe.backend)
         pm.passes.clear()  # the quantiser holds the calibration statistics: drop them (records stay)

@@ -107,3 +107,32 @@ def test_violated_quality_limit_fails_the_build_cleanly(tiny_checkpoints, tmp_pa
     assert err[-1].startswith("kiln: error: strict: quality limit violated") and "perplexity" in err[-1]
     assert not (tmp_path / "out" / "strict").exists()
     assert not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("scheme,extra", [("int4-awq", {"group_size": 32}), ("int8-sq", {"alpha": 0.5}), ("fp8", {})])
+def test_a_rewrite_plugin_does_not_undo_smoothing(tiny_checkpoints, tmp_path, scheme, extra):
+    """With plugins: [rmsnorm_residual] the scheme quantises the same graph (its smoothing keeps
+    every sink), so quality is the same as without the plugin."""
+    from tests.conftest import build_artifact
+
+    quant = {"scheme": scheme, **extra, "calibration": CAL}
+    plain = build_artifact(tiny_checkpoints["llama"], tmp_path, "plain", quantization=quant, quality={"window": 100})
+    fused = build_artifact(tiny_checkpoints["llama"], tmp_path, "fused", quantization=quant, quality={"window": 100},
+                           plugins=["rmsnorm_residual"])
+    a, b = (json.loads((art / "kiln.json").read_text()) for art in (plain, fused))
+    notes = lambda m: [n for p in m["graph"]["passes"] if p["name"].startswith("quantize_") for n in p["notes"]]  # noqa: E731
+    assert notes(a) == notes(b)  # as many linears smoothed / scaled
+    assert any(p["name"] == "fuse_rmsnorm_residual" and p["changed"] for p in b["graph"]["passes"])
+    assert b["quality"]["perplexity"] == pytest.approx(a["quality"]["perplexity"], rel=1e-3)
+
+
+def test_smoothing_refuses_an_op_it_does_not_know():
+    """A linear whose input comes from a fused op smoothing cannot see into fails loudly."""
+    from compiler.errors import KilnError
+    from compiler.passes.quant.smoothing import expect_sink
+
+    x = ir.Value(name="x")
+    node = ir.Node("kiln", "SomeFusedNorm", [x], num_outputs=1, name="/layers.0/fused")
+    with pytest.raises(KilnError, match="kiln::SomeFusedNorm"):
+        expect_sink(node.outputs[0], "/layers.0/attn/qkv_proj/MatMul")
+    assert expect_sink(x, "graph input") is None

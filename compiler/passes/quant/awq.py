@@ -23,7 +23,7 @@ from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
 from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel
 from compiler.passes.quant.int4 import fake_quantize, quantize
-from compiler.passes.quant.smoothing import fold, groups, private, sink_of
+from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
 
 class Int4AwqConfig(SchemeConfig):
@@ -106,7 +106,7 @@ class Int4Awq:
 
     def _scale(self, lins: list[qdq.Linear], whole_group: bool) -> np.ndarray | None:
         """Search s for a group sharing one input and fold it; None when it cannot be folded."""
-        sink = sink_of(lins[0].node.inputs[0]) if whole_group and private(lins) else None
+        sink = expect_sink(lins[0].node.inputs[0], lins[0].node.name) if whole_group and private(lins) else None
         if sink is None:
             return None
         weights = [lin.read() for lin in lins]

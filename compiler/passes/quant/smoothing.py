@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from compiler.errors import KilnError
+
 from compiler.passes.quant import qdq
 
 
@@ -53,6 +55,9 @@ def sink_of(x: ir.Value) -> Sink | None:
         return _value_sink(x)
     if node.op_type == "RMSNormalization" and node.inputs[1].const_value is not None:
         return Sink(node.inputs[1], 0, 0)
+    if (node.domain, node.op_type) == ("kiln", "RmsNormResidual") and x is node.outputs[0] \
+            and node.inputs[2].const_value is not None:  # plugins/rmsnorm_residual: the norm's output
+        return Sink(node.inputs[2], 0, 0)
     if node.op_type == "Mul":  # act(gate) * up: scale the weight columns that produce `up`
         up = node.inputs[1]
         prod = up.producer()
@@ -64,6 +69,19 @@ def sink_of(x: ir.Value) -> Sink | None:
         if prod is not None and prod.op_type == "MatMul" and prod.inputs[1].const_value is not None:
             return Sink(prod.inputs[1], 1, 0)
     return None
+
+
+def expect_sink(x: ir.Value, where: str) -> Sink | None:
+    """sink_of(x); None where the graph has no such constant by design (a plain activation, the
+    attention output under GQA), but an error where x comes from a fused or custom op smoothing
+    does not know: a scheme must not silently lose its smoothing to a rewrite that ran before it."""
+    sink = sink_of(x)
+    node = x.producer()
+    if sink is None and node is not None and node.domain not in ("", "ai.onnx"):
+        raise KilnError(f"{where}: no constant to fold the smoothing scale into: its input comes from "
+                        f"{node.domain}::{node.op_type} ({node.name})",
+                        "run quantisation before passes that fuse norms, or teach compiler/passes/quant/smoothing.py that op")
+    return sink
 
 
 def _producer_chain(v: ir.Value, ops: tuple[str, ...]) -> ir.Value | None:

@@ -17,7 +17,7 @@ from pydantic import Field
 from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
 from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel
-from compiler.passes.quant.smoothing import fold, groups, private, sink_of
+from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
 
 class Int8SqConfig(SchemeConfig):
@@ -83,7 +83,7 @@ class ActivationQuantizer:
             if not todo:
                 continue
             absmax = self.stats[todo[0].node.name].absmax.astype(np.float32)  # [K]
-            sink = sink_of(todo[0].node.inputs[0]) if len(todo) == len(lins) and private(todo) else None
+            sink = expect_sink(todo[0].node.inputs[0], todo[0].node.name) if len(todo) == len(lins) and private(todo) else None
             s = self.smoothing(todo, absmax, sink) if sink is not None else None
             if s is not None:
                 fold(sink, s)
