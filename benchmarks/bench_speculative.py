@@ -54,7 +54,7 @@ def run_kiln(artifact: str, speculate: str | None, draft: str | None, ids: list[
     from compiler.runtime.generation import GenerationConfig
     from compiler.runtime.speculative import resolve
 
-    engine = load(artifact, threads=threads)
+    engine = load(artifact, threads=threads, config_entries={"session.force_spinning_stop": "1"} if draft else None)  # as kiln run --draft
     spec = resolve(Draft(draft) if draft else (speculate or "off"), engine)
     out = []
     for i, x in enumerate([ids[0], *ids]):  # the first is a warm-up

@@ -69,7 +69,7 @@ class SpeculativeOptions(_Strict):
 
     method: Literal["ngram", "draft"] = "ngram"  # prompt lookup, or a draft artifact
     num_speculative: int | None = Field(None, ge=1, le=32, description="tokens proposed a step; none: adaptive")
-    max_speculative: int = Field(8, ge=1, le=32)
+    max_speculative: int = Field(16, ge=1, le=32)
     draft: str | None = Field(None, description="method draft: a sibling artifact's name, or a path")
     ngram_max: int = Field(3, ge=1, le=16)
     ngram_min: int = Field(1, ge=1, le=16)

@@ -36,7 +36,7 @@ _PAUSE_STEPS = 16  # steps without proposals after k fell to zero
 class SpeculativeConfig:
     method: str = "ngram"  # "ngram" (prompt lookup) | "draft"
     num_speculative: int | None = None  # proposals a step; None: adaptive, 1..max_speculative
-    max_speculative: int = 8
+    max_speculative: int = 16
     draft: str | None = None  # the draft artifact's directory (method "draft")
     ngram_max: int = 3  # the longest n-gram looked up, then shorter ones
     ngram_min: int = 1
@@ -57,13 +57,16 @@ class SpeculativeConfig:
 
 
 class AdaptiveK:
-    """How many tokens one sequence proposes next."""
+    """How many tokens one sequence proposes next: grows while all are accepted, shrinks to
+    what was accepted, and after misses at one token pauses for 1, 2, 4 ... steps (at most
+    _PAUSE_STEPS), so text the proposer cannot guess costs few failed steps."""
 
     def __init__(self, cfg: SpeculativeConfig):
         self.fixed = cfg.num_speculative
         self.most = cfg.max_speculative
         self.k = self.fixed or min(4, self.most)
         self.pause = 0
+        self.misses = 0  # failed proposals in a row at k = 1
 
     def next(self) -> int:
         if self.fixed:
@@ -76,10 +79,13 @@ class AdaptiveK:
     def update(self, proposed: int, accepted: int) -> None:
         if self.fixed or not proposed:
             return
+        if accepted:
+            self.misses = 0
         if accepted == proposed:
             self.k = min(self.k + 2, self.most)
         elif accepted == 0 and self.k == 1:
-            self.pause = _PAUSE_STEPS  # then try one again
+            self.misses += 1
+            self.pause = min(2 ** (self.misses - 1), _PAUSE_STEPS)
         else:
             self.k = max(accepted, 1)
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from compiler.runtime import load
+from compiler.runtime import Draft, load
 from compiler.runtime.core import EngineCore, SchedulerConfig
 from compiler.runtime.generation import GenerationConfig
 from compiler.runtime.sampling import SamplingParams, distribution
@@ -28,7 +28,7 @@ def test_ngram_proposes_the_continuation_of_the_latest_match():
     assert ngram_propose([1, 2, 3], 4) == [] and ngram_propose([4], 2) == [] and ngram_propose([1, 1], 0) == []
 
 
-def test_adaptive_k_grows_shrinks_and_pauses():
+def test_adaptive_k_grows_shrinks_and_backs_off():
     a = AdaptiveK(SpeculativeConfig(max_speculative=8))
     assert a.next() == 4
     a.update(4, 4)
@@ -37,8 +37,19 @@ def test_adaptive_k_grows_shrinks_and_pauses():
     assert a.next() == 2
     a.update(2, 0)
     assert a.next() == 1
+    pauses = []
+    for _ in range(7):  # misses at one token: pauses of 1, 2, 4, ... steps, at most 16
+        a.update(1, 0)
+        n = 0
+        while a.next() == 0:
+            n += 1
+        pauses.append(n)
+    assert pauses == [1, 2, 4, 8, 16, 16, 16]
+    a.update(1, 1)  # an acceptance resets the back-off
+    a.update(3, 0)
+    assert a.next() == 1
     a.update(1, 0)
-    assert [a.next() for _ in range(16)] == [0] * 16 and a.next() == 1
+    assert [a.next(), a.next()] == [0, 1]
     fixed = AdaptiveK(SpeculativeConfig(num_speculative=3))
     fixed.update(3, 0)
     assert fixed.next() == 3
@@ -153,3 +164,46 @@ def test_the_recipe_section_is_the_default_of_generate_run_and_the_card(tiny_che
     assert out["tokens"] == on.token_ids and out["proposed"] > 0 and 0 <= out["acceptance_rate"] <= 1
     with pytest.raises(KilnError, match="speculative"):
         build_artifact(tiny_checkpoints["llama"], tmp_path, "bad", speculative={"method": "draft"})
+
+
+def test_sampled_speculation_keeps_the_token_frequencies(engine):
+    """Many seeds: the token after the first follows the same distribution with and without
+    speculation (proposals forced, so accept/reject runs every step), compared given the first
+    token (top-k 4 keeps each conditional distribution small)."""
+    ids = engine.text.prompt_ids(LOOPY, False)
+    seeds = 2000
+
+    def samples(spec) -> np.ndarray:
+        core = EngineCore(engine, SchedulerConfig(max_num_seqs=64, speculative=spec))
+        if spec is not None:
+            core.spec.propose = lambda rid, tokens, room: [tokens[-1]]
+        rids = [core.add_request(ids, GenerationConfig(max_new_tokens=2, temperature=1.2, top_k=4, seed=s, stop_token_ids=()))
+                for s in range(seeds)]
+        got = drain(core)
+        assert spec is None or core.stats["proposed"] == seeds
+        return np.array([got[r] for r in rids])  # [seeds, 2]
+
+    plain, spec = samples(None), samples(SpeculativeConfig(num_speculative=1))
+    V = engine.config.vocab_size
+    firsts = np.bincount(plain[:, 0], minlength=V)
+    for v in np.argsort(-firsts)[:2]:  # the two commonest first tokens
+        a = np.bincount(plain[plain[:, 0] == v, 1], minlength=V) / max((plain[:, 0] == v).sum(), 1)
+        b = np.bincount(spec[spec[:, 0] == v, 1], minlength=V) / max((spec[:, 0] == v).sum(), 1)
+        assert 0.5 * np.abs(a - b).sum() < 0.1, (v, a[a > 0], b[b > 0])
+
+
+def test_prompt_lookup_on_smollm2_gives_the_plain_output(tmp_path):
+    from tests.conftest import SMOLLM2_DIR
+
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        pytest.skip("the SmolLM2 checkpoint is not there: make model")
+    art = build_artifact(SMOLLM2_DIR, tmp_path, "smol", max_seq=512, max_batch=2)
+    engine = load(art)
+    text = "The river runs through the old town, past the mill and under the stone bridge. " * 3
+    prompts = [text + "Once more:", "def add(a, b):\n    return a + b\n\ndef"]
+    plain = engine.generate(prompts, max_new_tokens=40, speculate="off")
+    fast = engine.generate(prompts, max_new_tokens=40, speculate="ngram")
+    assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
+    assert sum(g.timing.accepted for g in fast) > 10
+    draft = engine.generate(prompts[0], max_new_tokens=40, speculate=Draft(str(art), num_speculative=4))  # itself
+    assert draft.token_ids == plain[0].token_ids and draft.timing.accepted == draft.timing.proposed > 0
