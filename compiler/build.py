@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import platform
 import resource
 import shutil
@@ -168,9 +169,31 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "host": socket.gethostname(),
             "platform": platform.platform(),
+            "cpu": cpu_description(),  # quantised results are compared across machines by these
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     } | record({}, sorted(tmp.iterdir()))  # "files": {name: sha256}, "sizes": {name: bytes}
+
+
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+              "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_description() -> dict:
+    """The build machine's CPU model and the ISA flags its kernels may choose between."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model name") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "isa": [f for f in _ISA_FLAGS if f in flags], "cores": os.cpu_count()}
 
 
 def _log_plugins(records: list[dict], tmp: Path, progress: bool) -> None:

@@ -14,19 +14,15 @@ import shutil
 import time
 from pathlib import Path
 
+from compiler.runtime.verify import is_file_name  # noqa: F401  (the runtime owns it: it verifies artifacts)
+
 # the recipe's `name` field (compiler/recipe.py): what an artifact directory may be called
 ARTIFACT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-# a file inside an artifact: one plain name (artifacts are flat), no separators or control characters
-_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@,-]*")
 
 
 def is_artifact_name(name: object) -> bool:
     return isinstance(name, str) and name not in (".", "..") and ARTIFACT_NAME.fullmatch(name) is not None
 
-
-def is_file_name(name: object) -> bool:
-    """A name that stays inside its directory: not absolute, no `/`, `\\`, `..`, drive or control characters."""
-    return isinstance(name, str) and len(name) <= 255 and _FILE_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

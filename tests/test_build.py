@@ -16,6 +16,8 @@ def test_manifest_records_what_went_in(tiny_artifacts, tiny_checkpoints):
     assert m["source"]["architecture"] == "Qwen2ForCausalLM" and m["source"]["digest"].startswith("sha256:")
     assert m["backend"]["name"] == "onnxruntime" and m["backend"]["version"]
     assert m["build"]["seconds"] > 0 and m["build"]["peak_rss_bytes"] > 0 and m["build"]["host"]
+    cpu = m["build"]["cpu"]  # the machine a quantised result came from
+    assert cpu["model"] and isinstance(cpu["isa"], list) and cpu["cores"] >= 1
     assert {"model.onnx", "model.onnx.data", "engine.json", "tokenizer.json"} <= set(m["files"])
     for name, digest in m["files"].items():
         assert hashlib.sha256((art / name).read_bytes()).hexdigest() == digest

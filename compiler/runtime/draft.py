@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from compiler.runtime.config import EngineConfig
 from compiler.runtime.rows import RowPool
+from compiler.runtime.verify import verify_artifact
 
 
 def _tokenizer_digest(path: Path) -> str:
@@ -23,13 +25,13 @@ def _tokenizer_digest(path: Path) -> str:
 
 class DraftProposer:
     def __init__(self, target, path: str | Path, rows: int, threads: int | None = None):
-        from compiler.runtime.engine import load
-
         path = Path(path)
-        # its threads stop spinning when a step ends: two spinning pools on the same cores slow each other
-        self.engine = load(path, threads=threads, config_entries={"session.force_spinning_stop": "1"})
-        if getattr(self.engine.config, "task", "generate") != "generate":
+        verify_artifact(path)  # as load() does
+        if EngineConfig.load(path / "engine.json").task != "generate":
             raise ValueError(f"draft {path} is not a text generator")
+        # an engine of the target's class; its threads stop spinning when a step ends (two spinning
+        # pools on the same cores slow each other down)
+        self.engine = type(target)(path, threads=threads, config_entries={"session.force_spinning_stop": "1"})
         if (self.engine.config.vocab_size != target.config.vocab_size
                 or _tokenizer_digest(path) != _tokenizer_digest(target.path)):
             raise ValueError(f"draft {path} has another tokenizer than the target {target.path}; a draft must share it "

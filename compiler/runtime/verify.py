@@ -19,7 +19,6 @@ import stat
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from compiler.fsutil import is_file_name
 
 MANIFEST = "kiln.json"
 MAX_MANIFEST_BYTES = 16 << 20  # a kiln.json read from an archive or a registry, in memory
@@ -33,6 +32,15 @@ class ArtifactTampered(ValueError):
 class Listed(NamedTuple):
     sha256: str
     size: int
+
+
+# a file inside an artifact: one plain name (artifacts are flat), no separators or control characters
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@,-]*")
+
+
+def is_file_name(name: object) -> bool:
+    """A name that stays inside its directory: not absolute, no `/`, `\\`, `..`, drive or control characters."""
+    return isinstance(name, str) and len(name) <= 255 and _FILE_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def sha256(path: Path) -> str:

@@ -136,3 +136,14 @@ def test_smoothing_refuses_an_op_it_does_not_know():
     with pytest.raises(KilnError, match="kiln::SomeFusedNorm"):
         expect_sink(node.outputs[0], "/layers.0/attn/qkv_proj/MatMul")
     assert expect_sink(x, "graph input") is None
+
+
+def test_searches_take_the_first_of_near_ties():
+    """A loss lower only by float noise does not win: the choice cannot depend on the CPU's
+    summation order (old searches took the strict minimum of float32 losses)."""
+    from compiler.passes.quant.base import stable_argmin
+
+    assert stable_argmin([1.0, 1.0 - 1e-13, 2.0]) == 0
+    assert stable_argmin([1.0, 0.99, 0.99 - 1e-14]) == 1
+    errs = np.array([[1.0, 5.0], [1.0 - 1e-12, 4.0]])  # [candidates, blocks]
+    assert stable_argmin(errs).tolist() == [0, 1]

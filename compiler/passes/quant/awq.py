@@ -21,7 +21,7 @@ from pydantic import Field
 
 from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
-from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel
+from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel, stable_argmin
 from compiler.passes.quant.int4 import fake_quantize, quantize
 from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
@@ -49,30 +49,31 @@ class Int4Awq:
         return fake_quantize(w, self.cfg.group_size, self.cfg.symmetric, clip)
 
     def search_scale(self, x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
-        """s [K] minimising sum_i |X (fq(W_i s) / s) - X W_i|^2."""
-        refs = [x @ w for w in weights]
-        best, best_s = np.inf, np.ones(len(mean_abs), dtype=np.float32)
+        """s [K] minimising sum_i |X (fq(W_i s) / s) - X W_i|^2 (float64 losses, stable_argmin)."""
+        x64 = x.astype(np.float64)
+        refs = [x64 @ w.astype(np.float64) for w in weights]
         base = np.maximum(mean_abs, 1e-4)
+        cands, losses = [], []
         for a in np.arange(self.cfg.grid) / self.cfg.grid:
             s = base**a
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-            loss = sum(float(np.mean((x @ (self._fq(w * s[:, None]) / s[:, None]) - r) ** 2)) for w, r in zip(weights, refs))
-            if loss < best:
-                best, best_s = loss, s
-        return best_s
+            cands.append(s)
+            losses.append(sum(float(np.mean((x64 @ (self._fq(w * s[:, None]) / s[:, None]).astype(np.float64) - r) ** 2))
+                              for w, r in zip(weights, refs)))
+        return cands[int(stable_argmin(losses))]
 
     def search_clip(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """Per-block range ratio [G, N] minimising each block's output error on X [T, K]."""
+        """Per-block range ratio [G, N] minimising each block's output error on X [T, K] (float64,
+        the widest range among near-ties)."""
         g, K = self.cfg.group_size, w.shape[0]
         G = -(-K // g)
-        best_err = np.full((G, w.shape[1]), np.inf)
-        best = np.ones((G, w.shape[1]), dtype=np.float32)
-        for r in np.linspace(1.0, self.cfg.clip_min, self.cfg.clip_steps):
-            diff = w - self._fq(w, np.full((G, w.shape[1]), r, dtype=np.float32))  # [K, N]
-            err = np.stack([((x[:, b * g:(b + 1) * g] @ diff[b * g:(b + 1) * g]) ** 2).sum(0) for b in range(G)])  # [G, N]
-            better = err < best_err
-            best_err[better], best[better] = err[better], r
-        return best
+        x64 = x.astype(np.float64)
+        ratios = np.linspace(1.0, self.cfg.clip_min, self.cfg.clip_steps)
+        errs = []
+        for r in ratios:
+            diff = (w - self._fq(w, np.full((G, w.shape[1]), r, dtype=np.float32))).astype(np.float64)  # [K, N]
+            errs.append(np.stack([((x64[:, b * g:(b + 1) * g] @ diff[b * g:(b + 1) * g]) ** 2).sum(0) for b in range(G)]))
+        return ratios[stable_argmin(np.stack(errs))].astype(np.float32)  # [G, N]
 
     def run(self, model: ir.Model) -> PassResult:
         graph = model.graph
