@@ -43,11 +43,12 @@ class SchedulerConfig:
 
     def __post_init__(self):
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}; give --max-num-seqs a positive count")
         if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}; give "
+                             "--max-num-batched-tokens a positive count")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}; give --kv-cache-gib a positive size in GiB")
         if self.prefix_cache_tokens < 0 or self.prefix_block_size < 1:
             raise ValueError("prefix_cache_tokens must be >= 0 and prefix_block_size >= 1")
 
