@@ -34,7 +34,7 @@ class Int4AwqConfig(SchemeConfig):
     grid: int = Field(20, ge=1, le=100, description="scale-search steps for the exponent a in [0, 1)")
     clip_min: float = Field(0.7, gt=0, le=1, description="smallest range ratio tried by the clipping search")
     clip_steps: int = Field(7, ge=1, le=50)
-    search_rows: int = Field(128, ge=8, description="calibration rows used by the searches")
+    search_rows: int = Field(256, ge=8, description="calibration rows used by the searches (at most the rows kept)")
 
 
 class Int4Awq:
