@@ -107,7 +107,8 @@ def emit(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, progress: bool,
     if recipe.backend == "tensorrt":
         from compiler.backends.tensorrt.ranks import emit_ranks
 
-        return emit_ranks(recipe, arch, cfg, ckpt, facts, lay, tmp, progress, dump_ir)
+        models = (rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir) for r in range(lay.world_size))
+        return emit_ranks(recipe, cfg, rank_config(cfg, lay), facts, lay, tmp, progress, models, rank_spec)
     return emit_onnxruntime(recipe, arch, cfg, ckpt, facts, lay, tmp, progress, dump_ir)
 
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 import dataclasses
 import gc
 from pathlib import Path
+from typing import Callable, Iterator
 
 from compiler.backends.tensorrt import backend as trt_backend
 from compiler.runtime.config import ParallelSpec
 
 
-def emit_ranks(recipe, arch, cfg, ckpt, facts, lay, tmp: Path, progress: bool, dump_ir: Path | None):
-    from compiler.build_ranks import rank_config, rank_model, rank_spec
-
-    rcfg = rank_config(cfg, lay)
+def emit_ranks(recipe, cfg, rcfg, facts, lay, tmp: Path, progress: bool, models: Iterator, rank_spec: Callable):
+    """models: each rank's (graph, PassManager, plugin records) in rank order, built as it is
+    taken (one graph in memory at a time); rank_spec: the build side's RankSpec of a rank."""
     rfacts = dataclasses.replace(facts, num_kv_heads=rcfg.num_kv_heads)
     ranks, first, first_pm, nodes, records = [], None, None, 0, []
-    for r in range(lay.world_size):
-        model, pm, records = rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir)
+    for r, (model, pm, records) in enumerate(models):
         first_pm, nodes = first_pm or pm, nodes or len(model.graph)
         collectives = sum(1 for n in model.graph if n.domain == "kiln")
         engine = trt_backend.emit(model, rfacts, rcfg.num_heads, tmp, recipe.tensorrt, max_batch=recipe.max_batch,
