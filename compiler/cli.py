@@ -84,7 +84,7 @@ def _speculate(args) -> dict:
 def _draft_entries(args) -> dict | None:
     """With a draft engine beside it, the target's threads stop spinning when a step ends (two
     spinning thread pools on the same cores slow each other down ~2.5x)."""
-    return {"session.force_spinning_stop": "1"} if getattr(args, "draft", None) or getattr(args, "speculate", None) == "draft" else None
+    return {"session.force_spinning_stop": "1"} if args.draft or args.speculate == "draft" else None
 
 
 def _speculative_flags(p) -> None:

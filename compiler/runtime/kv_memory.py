@@ -46,14 +46,9 @@ class PagedArray:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def paged_zeros(shape: tuple[int, ...], dtype) -> tuple[np.ndarray, PagedArray]:
-    arr = PagedArray(shape, dtype)
-    return arr.array, arr
-
-
 def resident_bytes(arrays: list[PagedArray]) -> int:
     """Bytes of these mappings that are in memory now (from /proc/self/smaps; 0 if unreadable)."""
-    starts = {np.asarray(a.array).__array_interface__["data"][0] for a in arrays}
+    starts = {a.array.ctypes.data for a in arrays}
     total, take = 0, False
     try:
         with open("/proc/self/smaps") as f:

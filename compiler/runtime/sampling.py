@@ -36,8 +36,12 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 def _sample_row(row: np.ndarray, p: SamplingParams, u: float) -> int:
     order, probs = _filtered(row, p)
-    idx = min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(order) - 1)
-    return int(order[idx])
+    return int(order[draw_index(probs, u)])
+
+
+def draw_index(probs: np.ndarray, u: float) -> int:
+    """The index a uniform draw u in [0, 1) picks from probabilities probs (inverse CDF)."""
+    return min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(probs) - 1)
 
 
 def distribution(row: np.ndarray, p: SamplingParams) -> np.ndarray:

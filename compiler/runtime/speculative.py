@@ -21,15 +21,16 @@ slowed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from compiler.runtime.sampling import SamplingParams, distribution
+from compiler.runtime.sampling import SamplingParams, distribution, draw_index
 
 METHODS = ("ngram", "draft")
-_PAUSE_STEPS = 16  # steps without proposals after k fell to zero
+_PAUSE_STEPS = 16  # the longest back-off, in steps without proposals
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,8 @@ def verify_sampled(proposal: list[int], logits: np.ndarray, params: SamplingPara
         if rng.random() < p[x]:
             continue
         p[x] = 0.0
-        return i, _draw(p / p.sum(), rng)
-    return len(proposal), _draw(distribution(logits[len(proposal)], params), rng)
-
-
-def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
-    return min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), len(p) - 1)
+        return i, draw_index(p / p.sum(), rng.random())
+    return len(proposal), draw_index(distribution(logits[len(proposal)], params), rng.random())
 
 
 class Speculator:
@@ -206,9 +203,9 @@ def resolve(speculate, engine, num_speculative: int | None = None) -> Speculativ
     else:
         raise ValueError(f"speculate must be 'ngram', 'draft', 'off', Draft(path) or a SpeculativeConfig, got {speculate!r}")
     if num_speculative is not None:
-        cfg = SpeculativeConfig(**{**cfg.__dict__, "num_speculative": num_speculative})
+        cfg = dataclasses.replace(cfg, num_speculative=num_speculative)
     if cfg.draft is not None:
-        cfg = SpeculativeConfig(**{**cfg.__dict__, "draft": str(_draft_path(cfg.draft, engine.path))})
+        cfg = dataclasses.replace(cfg, draft=str(_draft_path(cfg.draft, engine.path)))
     return cfg
 
 
