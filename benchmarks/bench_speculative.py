@@ -66,7 +66,8 @@ def run_kiln(artifact: str, speculate: str | None, draft: str | None, ids: list[
                     g = o.generation
         if i:
             t = g.timing
-            out.append({"tokens": g.token_ids, "decode_tok_s": t.decode_tok_s, "proposed": t.proposed, "accepted": t.accepted})
+            out.append({"tokens": g.token_ids, "decode_tok_s": t.decode_tok_s, "proposed": t.proposed, "accepted": t.accepted,
+                        "ttft_ms": t.prefill_ms, "total_s": t.prefill_ms / 1e3 + t.decode_s})
     return out
 
 
@@ -147,7 +148,8 @@ def engines(genai: dict[str, str]) -> dict[str, tuple[dict, str | None]]:
 
 def summarise(runs: dict[str, list[list[dict]]], table: dict) -> dict:
     """Per engine and prompt set: median decode tok/s, ratio to its plain engine, acceptance,
-    and token identity with the plain engine."""
+    and token identity with the plain engine; for kiln also TTFT and the whole request's time
+    (prefill + decode) and its ratio, since a draft engine reads the prompt during the prefill."""
     res = {}
     for name, (_, plain) in table.items():
         reps = runs[name]
@@ -156,8 +158,13 @@ def summarise(runs: dict[str, list[list[dict]]], table: dict) -> dict:
         proposed = sum(r.get("proposed", 0) for r in reps[0])
         if proposed:
             row["acceptance"] = round(sum(r["accepted"] for r in reps[0]) / proposed, 3)
+        if "ttft_ms" in reps[0][0]:  # kiln: the prompt's cost (a draft reads it too) and the whole request
+            row["ttft_ms"] = round(statistics.median(statistics.mean(r["ttft_ms"] for r in rep) for rep in reps), 1)
+            row["total_s"] = round(statistics.median(statistics.mean(r["total_s"] for r in rep) for rep in reps), 3)
         if plain is not None:
             row["speedup"] = round(tok_s / res[plain]["decode_tok_s"], 2)
+            if "total_s" in row:
+                row["e2e_speedup"] = round(res[plain]["total_s"] / row["total_s"], 2)
             row["identical"] = [r["tokens"] for r in reps[0]] == [r["tokens"] for r in runs[plain][0]]
         res[name] = row
     return res
@@ -211,12 +218,15 @@ def main() -> int:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'set':9} {'engine':22} {'decode tok/s':>12} {'speedup':>8} {'accept':>7} {'identical':>9}")
+    print(f"\n{'set':9} {'engine':22} {'decode tok/s':>12} {'speedup':>8} {'accept':>7} {'identical':>9} "
+          f"{'TTFT ms':>8} {'request s':>9} {'e2e':>5}")
     for key, rows in report["sets"].items():
         for name, r in rows.items():
             print(f"{key:9} {name:22} {r['decode_tok_s']:>12} {r.get('speedup', ''):>8} {r.get('acceptance', ''):>7} "
-                  f"{str(r.get('identical', '')):>9}")
-    print(f"threads {report['threads']}, median of {report['reps']}; speedup: over the same engine without speculation")
+                  f"{str(r.get('identical', '')):>9} {r.get('ttft_ms', ''):>8} {r.get('total_s', ''):>9} "
+                  f"{r.get('e2e_speedup', ''):>5}")
+    print(f"threads {report['threads']}, median of {report['reps']}; speedup: decode over the same engine without "
+          f"speculation; e2e: the whole request ({NEW} new tokens) over the same")
 
 
 if __name__ == "__main__":

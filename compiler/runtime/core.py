@@ -305,6 +305,8 @@ class EngineCore:
             for row, (r, tokens) in call.items():
                 r.fed += len(tokens)
                 r.pending = r.pending[len(tokens):]
+                if self.spec is not None and r.fed <= r.prompt_len:  # a prompt chunk: a draft reads it too
+                    self.spec.prefill(r.id, r.tokens[:r.fed])
                 if r.fed // self.sched.prefix_block_size > (r.fed - len(tokens)) // self.sched.prefix_block_size:
                     self._keep_prefix(r)  # it completed a block
                 if not r.pending:  # its input is all in: results[row] picks its next token

@@ -18,6 +18,8 @@ from compiler.runtime.config import EngineConfig
 from compiler.runtime.rows import RowPool
 from compiler.runtime.verify import verify_artifact
 
+PREFILL_CHUNK = 512  # prompt tokens the draft reads per call
+
 
 def _tokenizer_digest(path: Path) -> str:
     return hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
@@ -42,14 +44,34 @@ class DraftProposer:
         self.seqs: dict[int, list[int]] = {}  # request id -> [row, tokens fed]
         self.max_seq = self.engine.config.max_seq
 
-    def propose(self, request_id: int, tokens: list[int], k: int) -> list[int]:
-        """Up to k greedy draft tokens after `tokens` (the sequence so far, its last token included)."""
+    def _state(self, request_id: int) -> list[int] | None:
+        """[row, tokens fed] of a sequence; a row is taken at its first use (None: none is free)."""
         state = self.seqs.get(request_id)
         if state is None:
             row = self.rows.acquire()
             if row is None:
-                return []
+                return None
             state = self.seqs[request_id] = [row, 0]
+        return state
+
+    def feed(self, request_id: int, tokens: list[int]) -> None:
+        """Prefill the draft with what it has not seen of `tokens` (the target's prompt so far),
+        in chunks of at most PREFILL_CHUNK, so its first proposal has only the last token to read."""
+        state = self._state(request_id)
+        if state is None:
+            return
+        row, fed = state
+        io = self.rows.binding(row, row + 1)
+        for start in range(fed, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start:start + PREFILL_CHUNK]
+            self.engine.session.step(io, np.asarray([chunk], dtype=np.int64), (start + np.arange(len(chunk)))[None])
+        state[1] = max(fed, len(tokens))
+
+    def propose(self, request_id: int, tokens: list[int], k: int) -> list[int]:
+        """Up to k greedy draft tokens after `tokens` (the sequence so far, its last token included)."""
+        state = self._state(request_id)
+        if state is None:
+            return []
         row, fed = state
         k = min(k, self.max_seq - len(tokens))
         if k < 1:

@@ -150,6 +150,12 @@ class Speculator:
             return self.draft.propose(request_id, tokens, k)
         return ngram_propose(tokens, k, self.cfg.ngram_max, self.cfg.ngram_min)
 
+    def prefill(self, request_id: int, tokens: list[int]) -> None:
+        """The target has read `tokens` of a prompt: a draft reads them too, inside the prefill
+        (so its first proposal does not wait on the whole prompt, and TTFT shows its cost)."""
+        if self.draft is not None:
+            self.draft.feed(request_id, tokens)
+
     def verify(self, request_id: int, proposal: list[int], logits: np.ndarray, params: SamplingParams,
                rng: np.random.Generator, kept: int) -> tuple[int, int]:
         """(accepted, next token) for logits [k + 1, V]; kept: the tokens the target's cache

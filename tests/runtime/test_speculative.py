@@ -124,6 +124,29 @@ def test_a_draft_engine_gives_the_plain_greedy_output(engine, tiny_artifacts, ot
     assert got == refs and core.stats["accepted"] < core.stats["proposed"]  # rejections roll back exactly
 
 
+def test_a_draft_reads_the_prompt_during_the_prefill(engine, tiny_artifacts):
+    """The draft is fed each prompt chunk as the target reads it (its cost is in TTFT, not in the
+    decode), so by the first token it holds the whole prompt and its first proposal reads one token."""
+    same = SpeculativeConfig(method="draft", draft=str(tiny_artifacts[("llama", "contrib")]), num_speculative=4)
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=2, speculative=same, max_num_batched_tokens=5))
+    ids = [engine.text.prompt_ids(p, False) for p in PROMPTS[:2]]
+    rids = [core.add_request(x, GenerationConfig(max_new_tokens=N)) for x in ids]
+    draft, seen = core.spec.draft, {}
+    while len(seen) < 2:
+        core.step()
+        for r in core.running:
+            if r.gen.token_ids and r.id not in seen:  # the step that gave its first token
+                assert len(r.gen.token_ids) == 1
+                seen[r.id] = draft.seqs[r.id][1]
+    assert seen == {rid: len(x) for rid, x in zip(rids, ids)}
+    fed = []
+    draft._next = (lambda orig: lambda io, chunk, start: fed.append(len(chunk)) or orig(io, chunk, start))(draft._next)
+    core.step()
+    assert fed[0] == 1  # the first proposal reads only the first generated token
+    drain(core)
+    assert not draft.seqs and draft.rows.free == draft.rows.rows
+
+
 def test_rejected_proposals_leave_no_stale_kv(engine):
     """A step that proposes garbage, then a continuation: the same as never proposing."""
     ids = engine.text.prompt_ids(PROMPTS[1], False)
