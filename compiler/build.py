@@ -248,7 +248,20 @@ def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool, d
         from compiler.passes.quant.calibrate_model import calibrate
 
         stats = calibrate(recipe, arch, cfg, ckpt, progress, source_digest=digest)
-    return [quantizer(recipe.quantization, stats), DeadCodeElimination()]
+    gguf = _gguf_source(recipe, cfg, ckpt) if recipe.quantization.scheme == "gguf" else None
+    return [quantizer(recipe.quantization, stats, gguf, recipe.onnxruntime.int4_accuracy_level == 4), DeadCodeElimination()]
+
+
+def _gguf_source(recipe: Recipe, cfg, ckpt: Checkpoint):
+    """The GGUF file whose grids the gguf scheme keeps: `file`, else the recipe's .gguf source."""
+    from compiler.passes.quant.gguf import GgufSource
+
+    file = recipe.quantization.file or recipe.source
+    path = Path(file).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise KilnError(f"quantization scheme gguf needs a .gguf file; {file} is not one",
+                        "set source: to the .gguf file (or quantization.file: to the one the checkpoint came from)")
+    return GgufSource(path, ckpt, (getattr(cfg, "num_heads", 0), getattr(cfg, "num_kv_heads", 0)))
 
 
 def _quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) -> dict:

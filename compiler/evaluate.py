@@ -198,10 +198,17 @@ def _check_window(path: Path, window: int) -> None:
 
 
 def _load_artifact(path: Path, threads: int | None, window: int) -> Engine:
+    """The engine as it serves. Without int8-activation MatMulNBits (accuracy level 4) its weights
+    are not prepacked (evaluation is prefill-only, and memory is the limit; the numbers are the
+    same); with it they must be: unpacked, that kernel silently computes with fp32 activations, and
+    the gate would measure an engine that never serves (SmolLM2 from its GGUF at level 4: argmax
+    agreement with fp32 1.00 unpacked, 0.93 as served)."""
     _check_window(path, window)
-    # no prepacked copies of the weights: evaluation is prefill-only, and memory is the limit
+    entries = EngineConfig.load(path / "engine.json").session.config_entries
+    int8_activations = entries.get("session.qdq_matmulnbits_accuracy_level") == "4"
     # an artifact still being built (the quality gate) has no manifest to verify against yet
-    return load(path, threads=threads, config_entries={"session.disable_prepacking": "1"}, verify=(path / "kiln.json").is_file())
+    return load(path, threads=threads, config_entries=None if int8_activations else {"session.disable_prepacking": "1"},
+                verify=(path / "kiln.json").is_file())
 
 
 def _read_text(text_path: Path | None) -> tuple[str, str]:

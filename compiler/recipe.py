@@ -100,6 +100,23 @@ class Recipe(_Strict):
     plugins: list[str] = []  # custom-op plugins whose rewrite passes run after `passes` (kiln plugins list)
     speculative: SpeculativeOptions | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_is_exact(cls, data):
+        """scheme gguf keeps the file's grids exactly; its engine computes exactly what the
+        dequantised checkpoint computes only with fp32 activations (MatMulNBits level 0), so that
+        is its default; level 4 (int8 activations) may be asked for, for speed."""
+        if not isinstance(data, dict) or not isinstance(data.get("quantization"), dict):
+            return data
+        if data["quantization"].get("scheme") != "gguf":
+            return data
+        if data.get("backend", "onnxruntime") != "onnxruntime":
+            raise ValueError("quantization scheme gguf builds for backend onnxruntime so far")
+        ort = data.get("onnxruntime") or {}
+        if not isinstance(ort, dict) or "int4_accuracy_level" in ort:
+            return data
+        return {**data, "onnxruntime": {**ort, "int4_accuracy_level": 0}}
+
     @field_validator("passes")
     @classmethod
     def _known_passes(cls, v: list[str]) -> list[str]:

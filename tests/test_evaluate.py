@@ -154,3 +154,21 @@ def test_cli_json_and_table(capsys, tiny_artifacts, tmp_path):
     assert main(["eval", art, "--window", "200", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "perplexity" in table and "top-1 agreement" in table
+
+
+def test_the_gate_scores_the_engine_as_it_serves(tiny_checkpoints, tmp_path):
+    """An int4 engine with int8 activations (accuracy level 4) is evaluated with the kernel it serves
+    with: its weights prepacked (unpacked, MatMulNBits falls back to fp32 activations, and the gate
+    scored an engine nobody runs)."""
+    from compiler.evaluate import _load_artifact
+    from compiler.runtime import load
+    from tests.backends.onnxruntime.test_parity import engine_logits
+    from tests.conftest import build_artifact
+
+    art = build_artifact(tiny_checkpoints["llama"], tmp_path, "q4", onnxruntime={"int4_accuracy_level": 4},
+                         quantization={"scheme": "int4-rtn", "group_size": 32}, quality={"window": WINDOW})
+    ids = np.array([np.random.default_rng(3).integers(3, 300, 40)])
+    served = engine_logits(load(art), ids)
+    fp32_activations = engine_logits(load(art, config_entries={"session.disable_prepacking": "1"}), ids)
+    assert np.abs(served - fp32_activations).max() > 1e-4  # the two kernels differ: the test can fail
+    np.testing.assert_array_equal(engine_logits(_load_artifact(art, None, WINDOW), ids), served)

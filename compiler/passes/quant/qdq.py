@@ -47,14 +47,14 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _init(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+def initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
     tensor = ir.Tensor(array, name=name) if dtype is None else ir.Tensor(array, dtype=dtype, name=name)
     v = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
     graph.register_initializer(v)
     return v
 
 
-def _dequantize_weight(graph: ir.Graph, lin: Linear, inputs: list[ir.Value | None], attrs: list[ir.Attr]) -> None:
+def dequantize_weight(graph: ir.Graph, lin: Linear, inputs: list[ir.Value | None], attrs: list[ir.Attr]) -> None:
     dq = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=f"{lin.scope}/weight_dq")
     dq.outputs[0].name = f"{lin.scope}/weight_dq_output_0"
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), lin.weight.shape
@@ -65,34 +65,34 @@ def _dequantize_weight(graph: ir.Graph, lin: Linear, inputs: list[ir.Value | Non
 def use_int4(graph: ir.Graph, lin: Linear, qw: QuantizedWeight) -> None:
     base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
     if qw.zero_point is None:
-        q = _init(graph, f"{base}_q", qw.q.astype(ml_dtypes.int4))
-        inputs = [q, _init(graph, f"{base}_scale", qw.scale)]
+        q = initializer(graph, f"{base}_q", qw.q.astype(ml_dtypes.int4))
+        inputs = [q, initializer(graph, f"{base}_scale", qw.scale)]
     else:
-        q = _init(graph, f"{base}_q", qw.q.astype(ml_dtypes.uint4))
-        inputs = [q, _init(graph, f"{base}_scale", qw.scale), _init(graph, f"{base}_zp", qw.zero_point.astype(ml_dtypes.uint4))]
-    _dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", qw.group)])
+        q = initializer(graph, f"{base}_q", qw.q.astype(ml_dtypes.uint4))
+        inputs = [q, initializer(graph, f"{base}_scale", qw.scale), initializer(graph, f"{base}_zp", qw.zero_point.astype(ml_dtypes.uint4))]
+    dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", qw.group)])
 
 
 def use_int8(graph: ir.Graph, lin: Linear, q: np.ndarray, scale: np.ndarray) -> None:
     """q [K, N] int8, per-output-channel scale [N]."""
     base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
-    inputs = [_init(graph, f"{base}_q", q.astype(np.int8)), _init(graph, f"{base}_scale", scale.astype(np.float32))]
-    _dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 1)])
+    inputs = [initializer(graph, f"{base}_q", q.astype(np.int8)), initializer(graph, f"{base}_scale", scale.astype(np.float32))]
+    dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 1)])
 
 
 def use_fp8(graph: ir.Graph, lin: Linear, q: np.ndarray, scale: np.ndarray) -> None:
     """q [K, N] float8e4m3fn, per-output-channel scale [N]."""
     base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
-    inputs = [_init(graph, f"{base}_q", q.astype(ml_dtypes.float8_e4m3fn)), _init(graph, f"{base}_scale", scale.astype(np.float32))]
-    _dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 1)])
+    inputs = [initializer(graph, f"{base}_q", q.astype(ml_dtypes.float8_e4m3fn)), initializer(graph, f"{base}_scale", scale.astype(np.float32))]
+    dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 1)])
 
 
 def quantize_input(graph: ir.Graph, lin: Linear, scale: float, dtype: ir.DataType) -> None:
     """Static per-tensor activation quantisation in front of the MatMul (int8 or float8e4m3fn)."""
     base = f"{lin.scope}/input".lstrip("/").replace("/", ".")
-    s = _init(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
+    s = initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
     zero = np.zeros((), dtype=np.int8) if dtype == ir.DataType.INT8 else np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
-    zp = _init(graph, f"{base}_zp", zero)
+    zp = initializer(graph, f"{base}_zp", zero)
     x = lin.node.inputs[0]
     qn = ir.Node("", "QuantizeLinear", [x, s, zp], name=f"{lin.scope}/input_q")
     dq = ir.Node("", "DequantizeLinear", [qn.outputs[0], s, zp], name=f"{lin.scope}/input_dq")
