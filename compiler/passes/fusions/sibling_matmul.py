@@ -46,8 +46,20 @@ def _concat_lazy(values: list[ir.Value], axis: int, name: str) -> ir.Value:
     tensors = [v.const_value for v in values]
     shape = list(tensors[0].shape)
     shape[axis] = sum(t.shape[axis] for t in tensors)
-    lazy = ir.LazyTensor(lambda: ir.Tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),
-                         dtype=tensors[0].dtype, shape=ir.Shape(shape), name=name)
+
+    def read() -> ir.Tensor:  # each part read and copied in turn: one part and the result in memory
+        out, at = None, 0
+        for t in tensors:
+            part = t.numpy()
+            if out is None:
+                out = np.empty(shape, dtype=part.dtype)
+            index = [slice(None)] * len(shape)
+            index[axis] = slice(at, at + part.shape[axis])
+            out[tuple(index)] = part
+            at += part.shape[axis]
+        return ir.Tensor(out)
+
+    lazy = ir.LazyTensor(read, dtype=tensors[0].dtype, shape=ir.Shape(shape), name=name)
     return ir.Value(name=name, type=ir.TensorType(lazy.dtype), shape=ir.Shape(shape), const_value=lazy)
 
 
