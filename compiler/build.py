@@ -72,14 +72,18 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
                                    _generation(ckpt), task)
     model = arch.build(cfg, ckpt, recipe.max_seq)  # lazy: no weight is read yet
     ckpt.check_all_claimed(arch.IGNORED_WEIGHTS)  # before any work: a lying config.json is refused here
-    pm, plugin_records = None, []
+    pm, plugin_records, stages = None, [], {}
     if lay is not None:
         model = None  # each rank builds its own graph
     else:
         # quantisation before the plugins' rewrites: its smoothing finds its sinks in the graph it knows
-        pm = PassManager(make(recipe.passes) + _quant_passes(recipe, arch, cfg, ckpt, progress, digest)
-                         + plugin_ops.rewrite_passes(recipe), dump_dir=dump_ir)
+        t = time.perf_counter()
+        quant = _quant_passes(recipe, arch, cfg, ckpt, progress, digest)  # calibration, if the scheme has one
+        stages["calibration_s"] = round(time.perf_counter() - t, 2)
+        pm = PassManager(make(recipe.passes) + quant + plugin_ops.rewrite_passes(recipe), dump_dir=dump_ir)
+        t = time.perf_counter()
         model = pm.run(model)
+        stages["passes_s"] = round(time.perf_counter() - t, 2)
         model, plugin_records = plugin_ops.bind(model, recipe.backend)
         pm.passes.clear()  # the quantiser holds the calibration statistics: drop them (records stay)
         return_freed_memory()  # calibration's buffers, before the backend's own peak
@@ -88,6 +92,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     dest = out_root / recipe.name
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", suffix=".tmp", dir=out_root))
+    t_emit = time.perf_counter()
     tmp.chmod(0o755)
     try:
         if lay is not None:
@@ -107,9 +112,14 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
         del model  # the quality gate loads engines: free the graph first
         gc.collect()
         # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
-        quality = _quality_gate(recipe, tmp, source, progress) if recipe.quantization and recipe.backend == "onnxruntime" else None
+        stages["emit_s"] = round(time.perf_counter() - t_emit, 2)
+        t = time.perf_counter()
+        gate = recipe.quantization and recipe.backend == "onnxruntime" and recipe.quality.gate
+        quality = _quality_gate(recipe, tmp, source, progress) if gate else None
+        stages["quality_gate_s"] = round(time.perf_counter() - t, 2)
         _log_plugins(plugin_records, tmp, progress)  # before the manifest hashes build.log
         manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
+        manifest["build"]["stages"] = stages
         manifest["task"], manifest["build_key"] = engine.task, build_key
         if lay is not None:
             manifest["parallel"] = build_ranks.manifest_section(engine, arch, cfg, ckpt, recipe.max_seq)

@@ -61,6 +61,8 @@ class QualityLimits(_Strict):
     text: str | None = None
     max_ppl_increase_pct: float | None = Field(None, ge=0)
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    gate: bool = Field(True, description="false: no evaluation at build time (kiln eval ARTIFACT --reference SOURCE "
+                                         "runs it later); for models too large to evaluate where they are built")
 
 
 class SpeculativeOptions(_Strict):

@@ -90,7 +90,7 @@ def test_int4_qdq_graph_packing_matches_numpy(symmetric):
 
     def make(graph, lin, w):
         qw = quantize(w, 32, symmetric)
-        qdq.use_int4(graph, lin, qw)
+        qdq.use_int4(graph, lin, lambda: qw, 32, symmetric)
         return qw.dequantize()
 
     got, want = _run_single_matmul(make)
@@ -103,7 +103,7 @@ def test_int8_fp8_qdq_graphs_match_numpy(kind):
 
     def make(graph, lin, w):
         q, s = int8_per_channel(w) if kind == "int8" else fp8_per_channel(w)
-        (qdq.use_int8 if kind == "int8" else qdq.use_fp8)(graph, lin, q, s)
+        (qdq.use_int8 if kind == "int8" else qdq.use_fp8)(graph, lin, lambda: (q, s))
         return q.astype(np.float32) * s
 
     got, want = _run_single_matmul(make)

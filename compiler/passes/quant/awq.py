@@ -62,18 +62,24 @@ class Int4Awq:
                               for w, r in zip(weights, refs)))
         return cands[int(stable_argmin(losses))]
 
+    @property
+    def ratios(self) -> np.ndarray:
+        """The clipping search's range ratios, widest first."""
+        return np.linspace(1.0, self.cfg.clip_min, self.cfg.clip_steps).astype(np.float32)
+
     def search_clip(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """Per-block range ratio [G, N] minimising each block's output error on X [T, K] (float64,
-        the widest range among near-ties)."""
+        """Per-block index into `ratios` [G, N] uint8 minimising each block's output error on X [T, K]
+        (float64, the widest range among near-ties). An index, not the ratio: a byte per block is
+        what the build keeps per linear until the weight is quantised at save time."""
         g, K = self.cfg.group_size, w.shape[0]
         G = -(-K // g)
         x64 = x.astype(np.float64)
-        ratios = np.linspace(1.0, self.cfg.clip_min, self.cfg.clip_steps)
+        ratios = self.ratios
         errs = []
         for r in ratios:
             diff = (w - self._fq(w, np.full((G, w.shape[1]), r, dtype=np.float32))).astype(np.float64)  # [K, N]
             errs.append(np.stack([((x64[:, b * g:(b + 1) * g] @ diff[b * g:(b + 1) * g]) ** 2).sum(0) for b in range(G)]))
-        return ratios[stable_argmin(np.stack(errs))].astype(np.float32)  # [G, N]
+        return stable_argmin(np.stack(errs)).astype(np.uint8)  # [G, N]
 
     def run(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -95,7 +101,7 @@ class Int4Awq:
         for lin in lins:
             precision = self.cfg.precision_of(lin.node.name)
             if precision == "int8":
-                qdq.use_int8(graph, lin, *int8_per_channel(lin.read()))
+                qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))
             if precision is None:
                 todo.append(lin)
             else:
@@ -117,7 +123,10 @@ class Int4Awq:
 
     def _clip_and_quantize(self, graph: ir.Graph, lins: list[qdq.Linear], s: np.ndarray | None, counts: dict) -> None:
         x = self._rows(lins[0]) if s is None else self._rows(lins[0]) / s
+        g, sym, ratios = self.cfg.group_size, self.cfg.symmetric, self.ratios
         for lin in lins:
-            w = lin.read() if s is None else lin.read() * s[:, None]
-            qdq.use_int4(graph, lin, quantize(w, self.cfg.group_size, self.cfg.symmetric, self.search_clip(x, w)))
+            scaled = (lambda lin=lin: lin.read()) if s is None else (lambda lin=lin: lin.read() * s[:, None])
+            clip = self.search_clip(x, scaled())
+            # quantised when the model is saved: until then the build keeps s and a byte per block
+            qdq.use_int4(graph, lin, lambda w=scaled, c=clip: quantize(w(), g, sym, ratios[c]), g, sym)
             counts["scaled" if s is not None else "unscaled"] += 1

@@ -69,7 +69,7 @@ class WeightQuantizer:
                 counts["fp32"] += 1
                 continue
             if precision == "int8":
-                qdq.use_int8(graph, lin, *int8_per_channel(lin.read()))
+                qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))
                 counts["int8"] += 1
             else:
                 self.quantize_linear(graph, lin)

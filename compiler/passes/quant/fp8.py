@@ -9,7 +9,7 @@ The optional fp8/int8 KV cache is not implemented (the recipe refuses anything b
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import ml_dtypes
 import numpy as np
@@ -49,6 +49,6 @@ class Fp8(ActivationQuantizer):
         q, scale = fp8_per_channel(w)
         return q.astype(np.float32) * scale
 
-    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
-        qdq.use_fp8(graph, lin, *fp8_per_channel(w))
+    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: Callable[[], np.ndarray], act_absmax: float) -> None:
+        qdq.use_fp8(graph, lin, lambda: fp8_per_channel(w()))
         qdq.quantize_input(graph, lin, max(act_absmax, 1e-8) / E4M3_MAX, ir.DataType.FLOAT8E4M3FN)

@@ -51,6 +51,7 @@ class GgufSource:
     ckpt: object  # compiler.frontend.checkpoint.Checkpoint
     heads: tuple[int, ...]  # head counts whose rotary row permutation llama.cpp may have applied
     _tensors: GgufTensors | None = field(default=None, repr=False)
+    _orders: dict = field(default_factory=dict, repr=False)  # checkpoint name -> row order that matched
 
     @property
     def tensors(self) -> GgufTensors:
@@ -70,17 +71,23 @@ class GgufSource:
         return name if name in self.tensors.tensors else None
 
     def grid(self, hf_name: str) -> tuple[Grid | None, str]:
-        """The grid of checkpoint tensor `hf_name` in checkpoint row order, or (None, why)."""
+        """The grid of checkpoint tensor `hf_name` in checkpoint row order, or (None, why). The
+        first call checks it against the checkpoint and remembers the row order that matched."""
         name = self.gguf_name(hf_name)
         if name is None:
             return None, "no GGUF tensor"
         grid = self.tensors.grid(name)
         if grid is None:
             return None, self.tensors.kind(name)
+        if hf_name in self._orders:
+            order = self._orders[hf_name]
+            return (grid if order is None else grid.take_rows(order)), grid.kind
         dense = np.asarray(self.ckpt.read(hf_name), dtype=np.float32)
         for order in _row_orders(grid.q.shape[0], self.heads):
             cand = grid if order is None else grid.take_rows(order)
-            if cand.dequantize().shape == dense.shape and np.array_equal(cand.dequantize(), dense):
+            values = cand.dequantize()
+            if values.shape == dense.shape and np.array_equal(values, dense):
+                self._orders[hf_name] = order
                 return cand, grid.kind
         raise KilnError(f"{self.path}: the {grid.kind} grid of {name} does not reproduce {hf_name} of the imported checkpoint",
                         "re-import the GGUF (delete kiln's cache entry for it) or report the file's type")
@@ -125,7 +132,9 @@ class GgufGrids(WeightQuantizer):
             return
         for g in grids:
             self.kinds[g.kind] = self.kinds.get(g.kind, 0) + 1
-        use_grid(graph, lin, _concat(grids))
+        form = grids[0]
+        del grids, found  # decoded again, one linear at a time, when the model is saved
+        use_grid(graph, lin, lambda: _concat([self.source.grid(n)[0] for n in names]), form)
 
     def run(self, model: ir.Model) -> PassResult:
         res = super().run(model)
@@ -145,25 +154,40 @@ def _concat(grids: list[Grid]) -> Grid:
                 g0.block, g0.bits, "+".join(g.kind for g in grids))
 
 
-def use_grid(graph: ir.Graph, lin: qdq.Linear, g: Grid) -> None:
+def use_grid(graph: ir.Graph, lin: qdq.Linear, make, form: Grid) -> None:
     """DequantizeLinear(q [K, N], scale [K/b, N], zp, axis 0, block b) -> MatMul, and for a grid
-    with block minimums the correction ReduceSum(x per block) @ offset [K/b, N] added after it."""
+    with block minimums the correction ReduceSum(x per block) @ offset [K/b, N] added after it.
+    make() -> the Grid (of lin's whole weight), called when the model is saved; form: a grid of
+    the same type (bits, block, zero point, whether it has minimums)."""
     base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
-    dtype = ml_dtypes.uint4 if g.bits == 4 else np.uint8
-    q, scale = np.ascontiguousarray(g.q.T), np.ascontiguousarray(g.scale.T)  # [K, N], [K/b, N]
-    zp = np.full(scale.shape, g.zero_point, dtype=np.uint8)
-    inputs = [qdq.initializer(graph, f"{base}_q", q.astype(dtype)), qdq.initializer(graph, f"{base}_scale", scale),
-              qdq.initializer(graph, f"{base}_zp", zp.astype(dtype))]
-    qdq.dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", g.block)])
-    if g.offset is not None:
-        _add_offset(graph, lin, np.ascontiguousarray(g.offset.T), g.block, base)
+    K, N = (int(d) for d in lin.weight.shape)
+    G = K // form.block
+    qtype = ir.DataType.UINT4 if form.bits == 4 else ir.DataType.UINT8
+    specs = {"q": (qtype, (K, N)), "scale": (ir.DataType.FLOAT, (G, N)), "zp": (qtype, (G, N))}
+    if form.offset is not None:
+        specs["offset"] = (ir.DataType.FLOAT, (G, N))
+    npq = ml_dtypes.uint4 if form.bits == 4 else np.uint8
+
+    def arrays() -> dict[str, np.ndarray]:
+        g = make()
+        out = {"q": np.ascontiguousarray(g.q.T).astype(npq), "scale": np.ascontiguousarray(g.scale.T),
+               "zp": np.full((G, N), g.zero_point, dtype=np.uint8).astype(npq)}  # [K, N], [K/b, N]
+        if g.offset is not None:
+            out["offset"] = np.ascontiguousarray(g.offset.T)
+        return out
+
+    inputs = qdq.lazy_inputs(graph, lin, arrays, specs)
+    qdq.dequantize_weight(graph, lin, inputs[:3], [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", form.block)])
+    if form.offset is not None:
+        _add_offset(graph, lin, inputs[3], form.block, G)
 
 
-def _add_offset(graph: ir.Graph, lin: qdq.Linear, offset: np.ndarray, block: int, base: str) -> None:
+def _add_offset(graph: ir.Graph, lin: qdq.Linear, off: ir.Value, block: int, blocks: int) -> None:
+    """off: the [K/b, N] minimums' initializer."""
+    base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
     x, y = lin.node.inputs[0], lin.node.outputs[0]
-    shape = qdq.initializer(graph, f"{base}_block_shape", np.array([0, 0, offset.shape[0], block], dtype=np.int64))
+    shape = qdq.initializer(graph, f"{base}_block_shape", np.array([0, 0, blocks, block], dtype=np.int64))
     axes = qdq.initializer(graph, f"{base}_block_axis", np.array([-1], dtype=np.int64))
-    off = qdq.initializer(graph, f"{base}_offset", offset.astype(np.float32))
     s = lin.scope
     nodes = [ir.Node("", "Reshape", [x, shape], name=f"{s}/offset_blocks"),  # [B, S, K/b, b]
              None, None, None]

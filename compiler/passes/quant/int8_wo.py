@@ -18,4 +18,4 @@ class Int8WeightOnly(WeightQuantizer):
     name = "quantize_int8_wo"
 
     def quantize_linear(self, graph: ir.Graph, lin: qdq.Linear) -> None:
-        qdq.use_int8(graph, lin, *int8_per_channel(lin.read()))
+        qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))

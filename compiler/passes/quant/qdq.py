@@ -4,6 +4,8 @@ int4:  DequantizeLinear(Wq int4|uint4 [K, N], scale [K/g, N], zp, axis=0, block_
 int8:  DequantizeLinear(Wq int8 [K, N], scale [N], axis=1) -> MatMul
 act:   QuantizeLinear(x, s) -> DequantizeLinear(., s) -> MatMul   (static per-tensor scale)
 The same graph feeds every backend; ONNX Runtime fuses DQ(int4 block) + MatMul into MatMulNBits.
+Quantised weights are lazy: a scheme hands over how to make them, and they are made one linear at
+a time as the model is saved, so a build's memory does not grow with the model's depth.
 Node and initializer names keep the linear's scope: `/layers.3/attn/qkv_proj/weight_dq`.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -62,29 +65,85 @@ def dequantize_weight(graph: ir.Graph, lin: Linear, inputs: list[ir.Value | None
     lin.node.replace_input_with(1, dq.outputs[0])
 
 
-def use_int4(graph: ir.Graph, lin: Linear, qw: QuantizedWeight) -> None:
+class _Parts:
+    """One linear's quantised arrays, made on the first read of any of them (when the model is
+    saved) and forgotten once each was read: a build holds one linear's at a time, whatever the
+    depth. A part read again later (a backend inspecting it) is simply made again."""
+
+    def __init__(self, make: Callable[[], dict[str, np.ndarray]], names: list[str]):
+        self._make, self._names = make, names
+        self._value: dict[str, np.ndarray] | None = None
+        self._left: set[str] = set()
+
+    def get(self, key: str) -> np.ndarray:
+        if self._value is None:
+            self._value, self._left = self._make(), set(self._names)
+        arr = self._value[key]
+        self._left.discard(key)
+        if not self._left:
+            self._value = None
+        return arr
+
+
+def lazy_inputs(graph: ir.Graph, lin: Linear, make: Callable[[], dict[str, np.ndarray]],
+                 specs: dict[str, tuple[ir.DataType, tuple[int, ...]]]) -> list[ir.Value]:
+    """Initializers `<scope>.weight_<key>` for each key of specs ({key: (dtype, shape)}), read lazily from make()."""
     base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
-    if qw.zero_point is None:
-        q = initializer(graph, f"{base}_q", qw.q.astype(ml_dtypes.int4))
-        inputs = [q, initializer(graph, f"{base}_scale", qw.scale)]
+    parts = _Parts(make, list(specs))
+    out = []
+    for key, (dtype, shape) in specs.items():
+        name = f"{base}_{key}"
+        tensor = ir.LazyTensor((lambda k=key, d=dtype, n=name: ir.Tensor(parts.get(k), dtype=d, name=n)),
+                               dtype=dtype, shape=ir.Shape(shape), name=name)
+        v = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=tensor)
+        graph.register_initializer(v)
+        out.append(v)
+    return out
+
+
+def use_int4(graph: ir.Graph, lin: Linear, make: Callable[[], QuantizedWeight], group: int, symmetric: bool) -> None:
+    """make() -> the QuantizedWeight of lin's weight [K, N] (called when the model is saved)."""
+    K, N = (int(d) for d in lin.weight.shape)
+    G = -(-K // group)
+    if symmetric:
+        specs = {"q": (ir.DataType.INT4, (K, N)), "scale": (ir.DataType.FLOAT, (G, N))}
     else:
-        q = initializer(graph, f"{base}_q", qw.q.astype(ml_dtypes.uint4))
-        inputs = [q, initializer(graph, f"{base}_scale", qw.scale), initializer(graph, f"{base}_zp", qw.zero_point.astype(ml_dtypes.uint4))]
-    dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", qw.group)])
+        specs = {"q": (ir.DataType.UINT4, (K, N)), "scale": (ir.DataType.FLOAT, (G, N)), "zp": (ir.DataType.UINT4, (G, N))}
+
+    def arrays() -> dict[str, np.ndarray]:
+        qw = make()
+        if symmetric != (qw.zero_point is None):
+            raise ValueError(f"{lin.node.name}: a {'symmetric' if symmetric else 'asymmetric'} int4 weight was announced")
+        if qw.zero_point is None:
+            return {"q": qw.q.astype(ml_dtypes.int4), "scale": qw.scale}
+        return {"q": qw.q.astype(ml_dtypes.uint4), "scale": qw.scale, "zp": qw.zero_point.astype(ml_dtypes.uint4)}
+
+    inputs = lazy_inputs(graph, lin, arrays, specs)
+    dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", group)])
 
 
-def use_int8(graph: ir.Graph, lin: Linear, q: np.ndarray, scale: np.ndarray) -> None:
-    """q [K, N] int8, per-output-channel scale [N]."""
-    base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
-    inputs = [initializer(graph, f"{base}_q", q.astype(np.int8)), initializer(graph, f"{base}_scale", scale.astype(np.float32))]
-    dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 1)])
+def use_int8(graph: ir.Graph, lin: Linear, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+    """make() -> (q int8 [K, N], per-output-channel scale [N]), called when the model is saved."""
+    K, N = (int(d) for d in lin.weight.shape)
+
+    def arrays() -> dict[str, np.ndarray]:
+        q, scale = make()
+        return {"q": q.astype(np.int8), "scale": scale.astype(np.float32)}
+
+    specs = {"q": (ir.DataType.INT8, (K, N)), "scale": (ir.DataType.FLOAT, (N,))}
+    dequantize_weight(graph, lin, lazy_inputs(graph, lin, arrays, specs), [ir.AttrInt64("axis", 1)])
 
 
-def use_fp8(graph: ir.Graph, lin: Linear, q: np.ndarray, scale: np.ndarray) -> None:
-    """q [K, N] float8e4m3fn, per-output-channel scale [N]."""
-    base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
-    inputs = [initializer(graph, f"{base}_q", q.astype(ml_dtypes.float8_e4m3fn)), initializer(graph, f"{base}_scale", scale.astype(np.float32))]
-    dequantize_weight(graph, lin, inputs, [ir.AttrInt64("axis", 1)])
+def use_fp8(graph: ir.Graph, lin: Linear, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+    """make() -> (q float8e4m3fn [K, N], per-output-channel scale [N]), called when the model is saved."""
+    K, N = (int(d) for d in lin.weight.shape)
+
+    def arrays() -> dict[str, np.ndarray]:
+        q, scale = make()
+        return {"q": q.astype(ml_dtypes.float8_e4m3fn), "scale": scale.astype(np.float32)}
+
+    specs = {"q": (ir.DataType.FLOAT8E4M3FN, (K, N)), "scale": (ir.DataType.FLOAT, (N,))}
+    dequantize_weight(graph, lin, lazy_inputs(graph, lin, arrays, specs), [ir.AttrInt64("axis", 1)])
 
 
 def quantize_input(graph: ir.Graph, lin: Linear, scale: float, dtype: ir.DataType) -> None:

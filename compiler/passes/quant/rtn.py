@@ -21,4 +21,5 @@ class Int4Rtn(WeightQuantizer):
     name = "quantize_int4_rtn"
 
     def quantize_linear(self, graph: ir.Graph, lin: qdq.Linear) -> None:
-        qdq.use_int4(graph, lin, quantize(lin.read(), self.cfg.group_size, self.cfg.symmetric))
+        g, sym = self.cfg.group_size, self.cfg.symmetric
+        qdq.use_int4(graph, lin, lambda: quantize(lin.read(), g, sym), g, sym)

@@ -140,21 +140,33 @@ def _value_sink(x: ir.Value) -> Sink | None:
 
 
 def fold(sink: Sink, s: np.ndarray) -> None:
+    """Divide what produces X by s (the linears reading X are multiplied by it). Lazy: the sink's
+    new value is made from its old one when read, so folding into `up` columns holds no weight."""
     own = sink.own(s)
-    arr = np.array(sink.value.const_value.numpy(), dtype=np.float32)
-    if sink.axis == 0:
-        arr = arr / own
-    else:
-        arr[:, sink.start:sink.start + len(own)] /= own
-    set_const(sink.value, arr)
+    start, prev = sink.start, sink.value.const_value
+
+    def divided() -> np.ndarray:
+        arr = np.array(prev.numpy(), dtype=np.float32)
+        if sink.axis == 0:
+            return arr / own
+        arr[:, start:start + len(own)] /= own
+        return arr
+
+    set_lazy(sink.value, divided)
     if sink.bias is not None:
         b = np.array(sink.bias.const_value.numpy(), dtype=np.float32)
-        b[sink.start:sink.start + len(own)] /= own
+        b[start:start + len(own)] /= own
         set_const(sink.bias, b)
 
 
 def set_const(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.Tensor(np.ascontiguousarray(array, dtype=np.float32), name=value.name)
+
+
+def set_lazy(value: ir.Value, make) -> None:
+    """value's constant becomes make() [float32, its shape], computed whenever it is read."""
+    value.const_value = ir.LazyTensor(lambda: ir.Tensor(np.ascontiguousarray(make(), dtype=np.float32)),
+                                      dtype=ir.DataType.FLOAT, shape=ir.Shape(list(value.shape)), name=value.name)
 
 
 def groups(graph: ir.Graph) -> list[list[qdq.Linear]]:

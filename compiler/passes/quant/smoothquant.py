@@ -8,7 +8,7 @@ scale (max |X/s| over calibration / 127) and W*s to int8 per output channel.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -37,7 +37,7 @@ class ActivationQuantizer:
     def __init__(self, cfg, stats: dict):
         self.cfg, self.stats = cfg, stats
 
-    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
+    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: Callable[[], np.ndarray], act_absmax: float) -> None:
         raise NotImplementedError
 
     def fake_input(self, x: np.ndarray, absmax: float) -> np.ndarray:
@@ -80,7 +80,7 @@ class ActivationQuantizer:
             todo = [lin for lin in lins if self.cfg.precision_of(lin.node.name) is None]
             for lin in lins:
                 if self.cfg.precision_of(lin.node.name) == "int8":
-                    qdq.use_int8(graph, lin, *int8_per_channel(lin.read()))
+                    qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))
             if not todo:
                 continue
             absmax = self.stats[todo[0].node.name].absmax.astype(np.float32)  # [K]
@@ -89,8 +89,8 @@ class ActivationQuantizer:
             if s is not None:
                 fold(sink, s)
                 smoothed += len(todo)
-            for lin in todo:
-                w = lin.read() if s is None else lin.read() * s[:, None]
+            for lin in todo:  # the weight is read (and smoothed) when the model is saved
+                w = (lambda lin=lin: lin.read()) if s is None else (lambda lin=lin, s=s: lin.read() * s[:, None])
                 self.quantize(graph, lin, w, float((absmax if s is None else absmax / s).max()))
                 done += 1
         return PassResult(model, done > 0, [f"{done} linears quantised ({smoothed} smoothed)"])
@@ -107,6 +107,6 @@ class Int8SmoothQuant(ActivationQuantizer):
         q, scale = int8_per_channel(w)
         return q.astype(np.float32) * scale
 
-    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: np.ndarray, act_absmax: float) -> None:
-        qdq.use_int8(graph, lin, *int8_per_channel(w))
+    def quantize(self, graph: ir.Graph, lin: qdq.Linear, w: Callable[[], np.ndarray], act_absmax: float) -> None:
+        qdq.use_int8(graph, lin, lambda: int8_per_channel(w()))
         qdq.quantize_input(graph, lin, max(act_absmax, 1e-8) / 127.0, ir.DataType.INT8)
