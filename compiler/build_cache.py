@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,24 +65,39 @@ def _stats_path(stats_key: str) -> Path:
 
 
 def load_stats(stats_key: str) -> dict | None:
+    """Cached statistics; each linear's rows are read from the file when used, not now."""
     from compiler.passes.quant.calibration import ActStats
 
     path = _stats_path(stats_key)
     if not path.is_file():
         return None
+
+    def member(key: str):
+        def read():
+            with np.load(path, allow_pickle=False) as z:
+                return z[key]
+        return read
+
     with np.load(path, allow_pickle=False) as z:
         names = [str(n) for n in z["names"]]
-        return {n: ActStats(z[f"{i}.mean_abs"], z[f"{i}.absmax"], float(z[f"{i}.max_abs"]), z[f"{i}.rows"], int(z[f"{i}.count"]))
+        return {n: ActStats(z[f"{i}.mean_abs"], z[f"{i}.absmax"], float(z[f"{i}.max_abs"]), member(f"{i}.rows"), int(z[f"{i}.count"]))
                 for i, n in enumerate(names)}
 
 
 def save_stats(stats_key: str, stats: dict) -> None:
+    """An .npz written one array at a time (one linear's rows in memory at once)."""
     path = _stats_path(stats_key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"names": np.array(list(stats))}
-    for i, s in enumerate(stats.values()):
-        arrays.update({f"{i}.mean_abs": s.mean_abs, f"{i}.absmax": s.absmax, f"{i}.max_abs": np.array(s.max_abs),
-                       f"{i}.rows": s.rows, f"{i}.count": np.array(s.count)})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
+
+    def arrays():
+        yield "names", np.array(list(stats))
+        for i, s in enumerate(stats.values()):
+            yield from ((f"{i}.mean_abs", s.mean_abs), (f"{i}.absmax", s.absmax), (f"{i}.max_abs", np.array(s.max_abs)),
+                        (f"{i}.rows", s.rows), (f"{i}.count", np.array(s.count)))
+
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, arr in arrays():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
     tmp.replace(path)

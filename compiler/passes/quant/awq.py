@@ -26,6 +26,9 @@ from compiler.passes.quant.int4 import fake_quantize, quantize
 from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
 
+COLUMNS = 4096  # output columns a search works on at a time
+
+
 class Int4AwqConfig(SchemeConfig):
     scheme: Literal["int4-awq"]
     group_size: Literal[32, 64, 128] = 128
@@ -49,17 +52,23 @@ class Int4Awq:
         return fake_quantize(w, self.cfg.group_size, self.cfg.symmetric, clip)
 
     def search_scale(self, x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
-        """s [K] minimising sum_i |X (fq(W_i s) / s) - X W_i|^2 (float64 losses, stable_argmin)."""
+        """s [K] minimising sum_i |X (fq(W_i s) / s) - X W_i|^2 / (T N_i) (float64 losses,
+        stable_argmin), over COLUMNS output columns at a time (a 262k-vocabulary lm_head never sits
+        in memory in float64; blocks run along K, so a column slice quantises as in the whole)."""
         x64 = x.astype(np.float64)
-        refs = [x64 @ w.astype(np.float64) for w in weights]
         base = np.maximum(mean_abs, 1e-4)
-        cands, losses = [], []
+        cands = []
         for a in np.arange(self.cfg.grid) / self.cfg.grid:
             s = base**a
-            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-            cands.append(s)
-            losses.append(sum(float(np.mean((x64 @ (self._fq(w * s[:, None]) / s[:, None]).astype(np.float64) - r) ** 2))
-                              for w, r in zip(weights, refs)))
+            cands.append((s / np.sqrt(s.max() * s.min())).astype(np.float32))
+        losses = np.zeros(len(cands))
+        for w in weights:
+            for c in range(0, w.shape[1], COLUMNS):
+                wc = w[:, c:c + COLUMNS]
+                ref = x64 @ wc.astype(np.float64)  # [T, n]
+                for i, s in enumerate(cands):
+                    err = x64 @ (self._fq(wc * s[:, None]) / s[:, None]).astype(np.float64) - ref
+                    losses[i] += float(np.sum(err**2)) / (x.shape[0] * w.shape[1])
         return cands[int(stable_argmin(losses))]
 
     @property
@@ -71,15 +80,16 @@ class Int4Awq:
         """Per-block index into `ratios` [G, N] uint8 minimising each block's output error on X [T, K]
         (float64, the widest range among near-ties). An index, not the ratio: a byte per block is
         what the build keeps per linear until the weight is quantised at save time."""
+        if w.shape[1] > COLUMNS:  # columns are independent: a slice at a time
+            return np.concatenate([self.search_clip(x, w[:, c:c + COLUMNS]) for c in range(0, w.shape[1], COLUMNS)], axis=1)
         g, K = self.cfg.group_size, w.shape[0]
         G = -(-K // g)
         x64 = x.astype(np.float64)
-        ratios = self.ratios
         errs = []
-        for r in ratios:
-            diff = (w - self._fq(w, np.full((G, w.shape[1]), r, dtype=np.float32))).astype(np.float64)  # [K, N]
+        for r in self.ratios:
+            diff = (w - self._fq(w, np.full((G, w.shape[1]), r, dtype=np.float32))).astype(np.float64)  # [K, n]
             errs.append(np.stack([((x64[:, b * g:(b + 1) * g] @ diff[b * g:(b + 1) * g]) ** 2).sum(0) for b in range(G)]))
-        return stable_argmin(np.stack(errs)).astype(np.uint8)  # [G, N]
+        return stable_argmin(np.stack(errs)).astype(np.uint8)  # [G, n]
 
     def run(self, model: ir.Model) -> PassResult:
         graph = model.graph

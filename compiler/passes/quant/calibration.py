@@ -26,12 +26,14 @@ the samples), runs the quantizers' passes (merge_qkv, merge_gate_up, ...) and th
 from __future__ import annotations
 
 import gc
+import os
 import re
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -84,8 +86,34 @@ class ActStats:
     mean_abs: np.ndarray  # [K] float64, mean |x| per input channel
     absmax: np.ndarray  # [K] float32, max |x| per input channel
     max_abs: float  # max |x| over the tensor
-    rows: np.ndarray  # [min(keep_rows, count), K] float32, the same token rows (seeded) for every linear
+    # [min(keep_rows, count), K] float32, the same token rows (seeded) for every linear; or what
+    # reads them from disk (calibration spills each layer's rows as it completes: see _Spill)
+    rows_data: np.ndarray | Callable[[], np.ndarray]
     count: int  # token rows seen
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.rows_data() if callable(self.rows_data) else self.rows_data
+
+
+class _Spill:
+    """Calibration rows of every linear in an anonymous temp file (gone with the last reader),
+    each read back on demand: what the build holds does not grow with the model's depth."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="kiln-calibration-")
+        self.end = 0
+
+    def put(self, arr: np.ndarray) -> Callable[[], np.ndarray]:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        at, shape, f = self.end, arr.shape, self.file
+        os.pwrite(f.fileno(), arr.tobytes(), at)
+        self.end += arr.nbytes
+
+        def read(f=f) -> np.ndarray:  # the default argument keeps the file open while a reader lives
+            return np.frombuffer(os.pread(f.fileno(), int(np.prod(shape)) * 4, at), dtype=np.float32).reshape(shape)
+
+        return read
 
 
 @dataclass
@@ -111,8 +139,9 @@ class _Acc:
         self.rows[lo:hi] = x[self.pick[lo:hi] - self.count]
         self.count += len(x)
 
-    def stats(self) -> ActStats:
-        return ActStats(self.sum_abs / self.count, self.absmax, float(self.absmax.max()), self.rows, self.count)
+    def stats(self, spill: "_Spill | None" = None) -> ActStats:
+        rows = self.rows if spill is None else spill.put(self.rows)
+        return ActStats(self.sum_abs / self.count, self.absmax, float(self.absmax.max()), rows, self.count)
 
 
 @dataclass
@@ -264,6 +293,8 @@ def collect(model: ir.Model, tokens: np.ndarray, targets: list[str] | None = Non
     feeds0 = set(per_sample[0])  # the graph inputs (small) stay
     picks: dict[int, np.ndarray] = {}
     accs: dict[str, _Acc] = {}
+    done: dict[str, ActStats] = {}
+    spill = _Spill()
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -286,8 +317,10 @@ def collect(model: ir.Model, tokens: np.ndarray, targets: list[str] | None = Non
                 env.update({n: got[n] for n in outs if n in live[k]})  # [1, S, H] hidden, mask, ...
                 for n in [n for n in env if n not in live[k] and n not in feeds0]:
                     del env[n]  # boundary values nobody reads any more
+            for t in part.targets:  # complete: its rows go to disk, its accumulator away
+                done[t] = accs.pop(t).stats(spill)
             del session, weights, data
             gc.collect()
             tick(part.name)
-    return {t: accs[t].stats() for t in targets}
+    return {t: done[t] for t in targets}
 

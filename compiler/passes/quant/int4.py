@@ -42,7 +42,16 @@ def _blocks(w: np.ndarray, group: int) -> np.ndarray:
     return w.reshape(-1, group, N)
 
 
+COLUMNS = 8192  # output columns quantised at a time: a large lm_head's temporaries stay small
+
+
 def quantize(w: np.ndarray, group: int, symmetric: bool = True, clip: np.ndarray | None = None) -> QuantizedWeight:
+    if w.shape[1] > COLUMNS:  # blocks run along K: column slices quantise independently
+        parts = [quantize(w[:, c:c + COLUMNS], group, symmetric, None if clip is None else clip[:, c:c + COLUMNS])
+                 for c in range(0, w.shape[1], COLUMNS)]
+        zp = None if symmetric else np.concatenate([p.zero_point for p in parts], axis=1)
+        return QuantizedWeight(np.concatenate([p.q for p in parts], axis=1),
+                               np.concatenate([p.scale for p in parts], axis=1), zp, group)
     wb = _blocks(np.asarray(w, dtype=np.float32), group)  # [G, g, N]
     ratio = 1.0 if clip is None else clip[:, None, :]
     if symmetric:
