@@ -10,7 +10,7 @@ SMOLLM2_DIR := .cache/models/smollm2-135m
 RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model demo test bench bench-serve bench-gpu bench-plugins all publish clean $(RECIPES)
+.PHONY: setup model demo test bench bench-build bench-serve bench-gpu bench-plugins all publish clean $(RECIPES)
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,12 @@ bench-gpu: setup model   ## ONNX Runtime CUDA engines vs transformers on a GPU (
 # SCENARIOS=a,b,c,d PEER=vllm|none; the vLLM peer is installed into .cache/peers/vllm on first use
 SCENARIOS ?= a,b,c,d
 PEER ?= vllm
+# SCHEMES=fp32,int4-rtn,... SIZES=0.5B,2B; checkpoints are made once under .cache/bench-build (5 GB)
+SCHEMES ?= fp32,int4-rtn,int4-awq,int8-wo,int8-sq,fp8
+SIZES ?= 0.5B,2B
+bench-build: setup model   ## build time and peak RSS per scheme on random-weight 0.5B and 2B Llama checkpoints
+	$(BIN)/python benchmarks/bench_build.py --schemes $(SCHEMES) --sizes $(SIZES) --out bench-results/bench-build.json
+
 bench-serve: setup model smollm2-135m   ## kiln serve vs vLLM's CPU build: 4 streaming scenarios on loopback, interleaved
 	$(BIN)/python benchmarks/bench_serve.py --artifact artifacts/smollm2-135m --recipe recipes/smollm2-135m.yaml \
 		--scenarios $(SCENARIOS) --peer $(PEER) --out bench-results/bench-serve.json
