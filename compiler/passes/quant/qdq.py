@@ -124,25 +124,22 @@ def use_int4(graph: ir.Graph, lin: Linear, make: Callable[[], QuantizedWeight], 
 
 def use_int8(graph: ir.Graph, lin: Linear, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
     """make() -> (q int8 [K, N], per-output-channel scale [N]), called when the model is saved."""
-    K, N = (int(d) for d in lin.weight.shape)
-
-    def arrays() -> dict[str, np.ndarray]:
-        q, scale = make()
-        return {"q": q.astype(np.int8), "scale": scale.astype(np.float32)}
-
-    specs = {"q": (ir.DataType.INT8, (K, N)), "scale": (ir.DataType.FLOAT, (N,))}
-    dequantize_weight(graph, lin, lazy_inputs(graph, lin, arrays, specs), [ir.AttrInt64("axis", 1)])
+    _use_per_channel(graph, lin, make, ir.DataType.INT8, np.int8)
 
 
 def use_fp8(graph: ir.Graph, lin: Linear, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
     """make() -> (q float8e4m3fn [K, N], per-output-channel scale [N]), called when the model is saved."""
+    _use_per_channel(graph, lin, make, ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn)
+
+
+def _use_per_channel(graph: ir.Graph, lin: Linear, make, dtype: ir.DataType, np_dtype) -> None:
     K, N = (int(d) for d in lin.weight.shape)
 
     def arrays() -> dict[str, np.ndarray]:
         q, scale = make()
-        return {"q": q.astype(ml_dtypes.float8_e4m3fn), "scale": scale.astype(np.float32)}
+        return {"q": q.astype(np_dtype), "scale": scale.astype(np.float32)}
 
-    specs = {"q": (ir.DataType.FLOAT8E4M3FN, (K, N)), "scale": (ir.DataType.FLOAT, (N,))}
+    specs = {"q": (dtype, (K, N)), "scale": (ir.DataType.FLOAT, (N,))}
     dequantize_weight(graph, lin, lazy_inputs(graph, lin, arrays, specs), [ir.AttrInt64("axis", 1)])
 
 
