@@ -43,8 +43,23 @@ class SchemeConfig(_Strict):
         return None
 
 
+COLUMNS = 8192  # output channels quantised at a time: a large lm_head's temporaries stay small
+
+
+def per_channel(w: np.ndarray, one) -> tuple[np.ndarray, np.ndarray]:
+    """one(w [K, n]) -> (q [K, n], scale [n]) applied to COLUMNS output channels at a time."""
+    if w.shape[1] <= COLUMNS:
+        return one(w)
+    parts = [one(w[:, c:c + COLUMNS]) for c in range(0, w.shape[1], COLUMNS)]
+    return np.concatenate([q for q, _ in parts], axis=1), np.concatenate([s for _, s in parts])
+
+
 def int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output channel: w [K, N] -> (q int8 [K, N], scale [N])."""
+    return per_channel(w, _int8)
+
+
+def _int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.abs(w).max(axis=0) / 127.0
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from compiler.passes.quant import qdq
-from compiler.passes.quant.base import Calibration, SchemeConfig
+from compiler.passes.quant.base import Calibration, SchemeConfig, per_channel
 from compiler.passes.quant.smoothquant import ActivationQuantizer
 
 E4M3_MAX = 448.0
@@ -33,6 +33,10 @@ class Fp8Config(SchemeConfig):
 
 def fp8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """w [K, N] -> (q float8_e4m3fn [K, N], scale [N] float32)."""
+    return per_channel(w, _fp8)
+
+
+def _fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.abs(w).max(axis=0) / E4M3_MAX
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     return np.clip(w / scale, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn), scale
