@@ -140,3 +140,30 @@ def test_int4_rtn_engine_equals_fp32_engine_of_dequantised_weights(tiny_checkpoi
     manifest = json.loads((quant / "kiln.json").read_text())
     assert manifest["quantization"]["scheme"] == "int4-rtn" and manifest["quality"]["tokens"] == 100
     assert "MatMulNBits" not in manifest["graph"]  # the artifact holds standard QDQ; ORT fuses at load
+
+
+@pytest.mark.parametrize("scheme", ["int4-rtn", "int8-wo"])
+def test_quantised_weights_are_made_when_saved_and_not_kept(scheme):
+    """A quantised build holds no model's worth of quantised arrays: each linear's are made when
+    its initializers are written (and the same as made eagerly), then forgotten."""
+    from compiler.passes.quant import quantizer
+    from compiler.passes.quant.int4 import quantize as eager_int4
+    from compiler.passes.quant.rtn import Int4RtnConfig
+    from compiler.passes.quant.int8_wo import Int8WoConfig
+
+    K, N = 64, 24
+    w = RNG.standard_normal((K, N)).astype(np.float32)
+    reads = []
+    lazy_w = ir.LazyTensor(lambda: reads.append(1) or ir.Tensor(w), dtype=ir.DataType.FLOAT, shape=ir.Shape([K, N]), name="w")
+    x_val = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, K]))
+    w_val = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([K, N]), const_value=lazy_w)
+    mm = ir.Node("", "MatMul", [x_val, w_val], name="/p/MatMul")
+    graph = ir.Graph([x_val], [mm.outputs[0]], nodes=[mm], initializers=[w_val], opset_imports={"": 24})
+    cfg = Int4RtnConfig(scheme="int4-rtn", group_size=32) if scheme == "int4-rtn" else Int8WoConfig(scheme="int8-wo")
+    quantizer(cfg).run(ir.Model(graph, ir_version=10))
+    made = {name: v for name, v in graph.initializers.items() if name.startswith("p.weight_")}
+    assert made and all(isinstance(v.const_value, ir.LazyTensor) for v in made.values())
+    assert not reads  # the pass read no weight: that happens as the model is saved
+    q = made["p.weight_q"].const_value.numpy()
+    want = eager_int4(w, 32).q if scheme == "int4-rtn" else int8_per_channel(w)[0]
+    np.testing.assert_array_equal(np.asarray(q, dtype=np.int8), want)
