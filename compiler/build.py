@@ -271,7 +271,9 @@ def _gguf_source(recipe: Recipe, cfg, ckpt: Checkpoint):
     if path.suffix != ".gguf" or not path.is_file():
         raise KilnError(f"quantization scheme gguf needs a .gguf file; {file} is not one",
                         "set source: to the .gguf file (or quantization.file: to the one the checkpoint came from)")
-    return GgufSource(path, ckpt, (getattr(cfg, "num_heads", 0), getattr(cfg, "num_kv_heads", 0)))
+    source = GgufSource(path, ckpt, (getattr(cfg, "num_heads", 0), getattr(cfg, "num_kv_heads", 0)))
+    _ = source.tensors  # opened now: a file that is not a GGUF is refused before any work
+    return source
 
 
 def _quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) -> dict:

@@ -44,6 +44,13 @@ def test_gguf_needs_a_gguf_file(tmp_path, tiny_checkpoints):
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_a_file_that_is_not_a_gguf_is_refused(tmp_path, tiny_checkpoints):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 64)
+    with pytest.raises(KilnError, match="junk.gguf is not a readable GGUF file"):
+        build_artifact(tiny_checkpoints["llama"], tmp_path / "out", "g", quantization={"scheme": "gguf", "file": str(junk)})
+
+
 def test_gguf_settings_are_checked_in_the_recipe():
     base = {"schema": 1, "name": "g", "source": "m.gguf", "quantization": {"scheme": "gguf"}}
     assert parse_recipe(base).onnxruntime.int4_accuracy_level == 0

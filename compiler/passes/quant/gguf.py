@@ -56,7 +56,11 @@ class GgufSource:
     @property
     def tensors(self) -> GgufTensors:
         if self._tensors is None:
-            self._tensors = GgufTensors(self.path)
+            try:
+                self._tensors = GgufTensors(self.path)
+            except (ValueError, OSError, IndexError, KeyError) as e:  # the gguf reader's refusals
+                raise KilnError(f"{self.path} is not a readable GGUF file ({e})",
+                                "point quantization.file (or source) at a llama.cpp .gguf model file") from None
         return self._tensors
 
     def gguf_name(self, hf_name: str) -> str | None:
