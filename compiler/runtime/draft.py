@@ -57,6 +57,8 @@ class DraftProposer:
     def feed(self, request_id: int, tokens: list[int]) -> None:
         """Prefill the draft with what it has not seen of `tokens` (the target's prompt so far),
         in chunks of at most PREFILL_CHUNK, so its first proposal has only the last token to read."""
+        if len(tokens) >= self.max_seq:  # longer than the draft's cache: it will not propose for it
+            return
         state = self._state(request_id)
         if state is None:
             return
