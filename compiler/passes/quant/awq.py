@@ -21,7 +21,7 @@ from pydantic import Field
 
 from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
-from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel, stable_argmin
+from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel, search_losses, stable_argmin
 from compiler.passes.quant.int4 import fake_quantize, quantize
 from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
@@ -61,15 +61,12 @@ class Int4Awq:
         for a in np.arange(self.cfg.grid) / self.cfg.grid:
             s = base**a
             cands.append((s / np.sqrt(s.max() * s.min())).astype(np.float32))
-        losses = np.zeros(len(cands))
-        for w in weights:
-            for c in range(0, w.shape[1], COLUMNS):
-                wc = w[:, c:c + COLUMNS]
-                ref = x64 @ wc.astype(np.float64)  # [T, n]
-                for i, s in enumerate(cands):
-                    err = x64 @ (self._fq(wc * s[:, None]) / s[:, None]).astype(np.float64) - ref
-                    losses[i] += float(np.sum(err**2)) / (x.shape[0] * w.shape[1])
-        return cands[int(stable_argmin(losses))]
+
+        def product(i: int, wc: np.ndarray) -> np.ndarray:
+            s = cands[i][:, None]
+            return x64 @ (self._fq(wc * s) / s).astype(np.float64)
+
+        return cands[int(stable_argmin(search_losses(x, weights, len(cands), product, COLUMNS)))]
 
     @property
     def ratios(self) -> np.ndarray:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
+from compiler.passes.quant.int4 import COLUMNS
 
 
 class _Strict(BaseModel):
@@ -41,9 +42,6 @@ class SchemeConfig(_Strict):
             if qdq.matches(name, [o.match]):
                 return o.precision
         return None
-
-
-COLUMNS = 8192  # output channels quantised at a time: a large lm_head's temporaries stay small
 
 
 def per_channel(w: np.ndarray, one) -> tuple[np.ndarray, np.ndarray]:
@@ -106,3 +104,18 @@ def stable_argmin(losses: np.ndarray, axis: int = 0) -> np.ndarray:
     losses = np.asarray(losses, dtype=np.float64)
     best = losses.min(axis=axis, keepdims=True)
     return np.argmax(losses <= best + np.abs(best) * TIE, axis=axis)
+
+
+def search_losses(x: np.ndarray, weights: list[np.ndarray], candidates: int, product, columns: int = COLUMNS) -> np.ndarray:
+    """Per candidate i, sum over weights W of |product(i, W_c) - X W_c|^2 / (T N) in float64, where
+    W_c runs over `columns` output columns at a time (a large lm_head never sits in memory in
+    float64) and product(i, W_c) is candidate i's float64 output for that slice. x [T, K]."""
+    x64 = x.astype(np.float64)
+    losses = np.zeros(candidates)
+    for w in weights:
+        for c in range(0, w.shape[1], columns):
+            wc = w[:, c:c + columns]
+            ref = x64 @ wc.astype(np.float64)  # [T, n]
+            for i in range(candidates):
+                losses[i] += float(np.sum((product(i, wc) - ref) ** 2)) / (x.shape[0] * w.shape[1])
+    return losses

@@ -17,6 +17,7 @@ merged linear whose parts have different grids, stays dequantised and is named i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,15 +64,19 @@ class GgufSource:
                                 "point quantization.file (or source) at a llama.cpp .gguf model file") from None
         return self._tensors
 
-    def gguf_name(self, hf_name: str) -> str | None:
+    @functools.cached_property
+    def _names(self):
+        """The gguf package's map from checkpoint names to this architecture's GGUF names (built once)."""
         import gguf
 
         arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(self.tensors.arch)
         if arch is None:
             raise KilnError(f"{self.path}: GGUF architecture {self.tensors.arch!r} is unknown to the gguf package",
                             "use a GGUF of a supported architecture or build from the dequantised checkpoint")
-        blocks = int(self.ckpt.config.get("num_hidden_layers", 0))
-        name = gguf.get_tensor_name_map(arch, blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        return gguf.get_tensor_name_map(arch, int(self.ckpt.config.get("num_hidden_layers", 0)))
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        name = self._names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         return name if name in self.tensors.tensors else None
 
     def grid(self, hf_name: str) -> tuple[Grid | None, str]:
@@ -163,7 +168,6 @@ def use_grid(graph: ir.Graph, lin: qdq.Linear, make, form: Grid) -> None:
     with block minimums the correction ReduceSum(x per block) @ offset [K/b, N] added after it.
     make() -> the Grid (of lin's whole weight), called when the model is saved; form: a grid of
     the same type (bits, block, zero point, whether it has minimums)."""
-    base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
     K, N = (int(d) for d in lin.weight.shape)
     G = K // form.block
     qtype = ir.DataType.UINT4 if form.bits == 4 else ir.DataType.UINT8
@@ -188,25 +192,25 @@ def use_grid(graph: ir.Graph, lin: qdq.Linear, make, form: Grid) -> None:
 
 def _add_offset(graph: ir.Graph, lin: qdq.Linear, off: ir.Value, block: int, blocks: int) -> None:
     """off: the [K/b, N] minimums' initializer."""
-    base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
+    base = lin.prefix("weight")
     x, y = lin.node.inputs[0], lin.node.outputs[0]
     shape = qdq.initializer(graph, f"{base}_block_shape", np.array([0, 0, blocks, block], dtype=np.int64))
     axes = qdq.initializer(graph, f"{base}_block_axis", np.array([-1], dtype=np.int64))
     s = lin.scope
-    nodes = [ir.Node("", "Reshape", [x, shape], name=f"{s}/offset_blocks"),  # [B, S, K/b, b]
-             None, None, None]
-    nodes[1] = ir.Node("", "ReduceSum", [nodes[0].outputs[0], axes], attributes=[ir.AttrInt64("keepdims", 0)],
-                       name=f"{s}/offset_block_sums")  # [B, S, K/b]
-    nodes[2] = ir.Node("", "MatMul", [nodes[1].outputs[0], off], name=f"{s}/offset_MatMul")  # [B, S, N]
-    nodes[3] = ir.Node("", "Add", [y, nodes[2].outputs[0]], name=f"{s}/offset_Add")
+    blocked = ir.Node("", "Reshape", [x, shape], name=f"{s}/offset_blocks")  # [B, S, K/b, b]
+    sums = ir.Node("", "ReduceSum", [blocked.outputs[0], axes], attributes=[ir.AttrInt64("keepdims", 0)],
+                   name=f"{s}/offset_block_sums")  # [B, S, K/b]
+    product = ir.Node("", "MatMul", [sums.outputs[0], off], name=f"{s}/offset_MatMul")  # [B, S, N]
+    add = ir.Node("", "Add", [y, product.outputs[0]], name=f"{s}/offset_Add")
+    nodes = [blocked, sums, product, add]
     for n in nodes:
         n.outputs[0].name = f"{n.name}_output_0"
         n.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    nodes[3].outputs[0].shape = y.shape
+    add.outputs[0].shape = y.shape
     graph.insert_after(lin.node, nodes)
-    out = nodes[3].outputs[0]
+    out = add.outputs[0]
     is_output = y in graph.outputs
     y.replace_all_uses_with(out, replace_graph_outputs=True)
-    nodes[3].replace_input_with(0, y)
+    add.replace_input_with(0, y)
     if is_output:  # the graph's output keeps its name
         out.name, y.name = y.name, f"{y.name}_before_offset"

@@ -31,6 +31,10 @@ class Linear:
     def scope(self) -> str:
         return self.node.name.rsplit("/", 1)[0]
 
+    def prefix(self, part: str) -> str:
+        """Initializer names for this linear's `part` ("weight", "input"): `layers.3.attn.qkv_proj.weight`."""
+        return f"{self.scope}/{part}".lstrip("/").replace("/", ".")
+
     def read(self) -> np.ndarray:
         return np.asarray(self.weight.const_value.numpy(), dtype=np.float32)
 
@@ -88,7 +92,7 @@ class _Parts:
 def lazy_inputs(graph: ir.Graph, lin: Linear, make: Callable[[], dict[str, np.ndarray]],
                  specs: dict[str, tuple[ir.DataType, tuple[int, ...]]]) -> list[ir.Value]:
     """Initializers `<scope>.weight_<key>` for each key of specs ({key: (dtype, shape)}), read lazily from make()."""
-    base = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
+    base = lin.prefix("weight")
     parts = _Parts(make, list(specs))
     out = []
     for key, (dtype, shape) in specs.items():
@@ -145,7 +149,7 @@ def _use_per_channel(graph: ir.Graph, lin: Linear, make, dtype: ir.DataType, np_
 
 def quantize_input(graph: ir.Graph, lin: Linear, scale: float, dtype: ir.DataType) -> None:
     """Static per-tensor activation quantisation in front of the MatMul (int8 or float8e4m3fn)."""
-    base = f"{lin.scope}/input".lstrip("/").replace("/", ".")
+    base = lin.prefix("input")
     s = initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
     zero = np.zeros((), dtype=np.int8) if dtype == ir.DataType.INT8 else np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
     zp = initializer(graph, f"{base}_zp", zero)

@@ -182,7 +182,7 @@ def groups(graph: ir.Graph) -> list[list[qdq.Linear]]:
 
 
 def _untie(graph: ir.Graph, lin: qdq.Linear) -> qdq.Linear:
-    name = f"{lin.scope}/weight".lstrip("/").replace("/", ".")
+    name = lin.prefix("weight")
     own = ir.Value(name=name, type=lin.weight.type, shape=lin.weight.shape, const_value=lin.weight.const_value)
     graph.register_initializer(own)
     lin.node.replace_input_with(1, own)

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
-from compiler.passes.quant.base import COLUMNS, Calibration, SchemeConfig, int8_per_channel, stable_argmin
+from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel, search_losses, stable_argmin
 from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
 
@@ -63,19 +63,15 @@ class ActivationQuantizer:
         if alpha != "search":
             return scales(alpha)
         x = self.stats[lins[0].node.name].rows.astype(np.float32)  # [T, K]
-        x64 = x.astype(np.float64)
         # no smoothing (s = 1) is a candidate too: alpha = 0 still divides by max|W|
         candidates = [np.ones_like(absmax, dtype=np.float32)] + [scales(a) for a in np.arange(0.0, 1.0001, 0.05)]
-        losses = np.zeros(len(candidates))  # float64, so the choice does not depend on the CPU's BLAS
-        for w in weights:  # per-channel weights: COLUMNS output channels at a time (a large lm_head)
-            for c in range(0, w.shape[1], COLUMNS):
-                wc = w[:, c:c + COLUMNS]
-                ref = x64 @ wc.astype(np.float64)
-                for i, s in enumerate(candidates):
-                    xq = self.fake_input(x / s, float((absmax / s).max())).astype(np.float64)
-                    err = xq @ self.fake_weight(wc * s[:, None]).astype(np.float64) - ref
-                    losses[i] += float(np.sum(err**2)) / (x.shape[0] * w.shape[1])
-        return candidates[int(stable_argmin(losses))]
+
+        def product(i: int, wc: np.ndarray) -> np.ndarray:  # float64, so the choice does not depend on the CPU's BLAS
+            s = candidates[i]
+            xq = self.fake_input(x / s, float((absmax / s).max())).astype(np.float64)
+            return xq @ self.fake_weight(wc * s[:, None]).astype(np.float64)
+
+        return candidates[int(stable_argmin(search_losses(x, weights, len(candidates), product)))]
 
     def run(self, model: ir.Model) -> PassResult:
         graph, done, smoothed = model.graph, 0, 0
