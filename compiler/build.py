@@ -259,7 +259,8 @@ def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool, d
 
         stats = calibrate(recipe, arch, cfg, ckpt, progress, source_digest=digest)
     gguf = _gguf_source(recipe, cfg, ckpt) if recipe.quantization.scheme == "gguf" else None
-    return [quantizer(recipe.quantization, stats, gguf, recipe.onnxruntime.int4_accuracy_level == 4), DeadCodeElimination()]
+    level4, trt = recipe.onnxruntime.int4_accuracy_level == 4, recipe.backend == "tensorrt"
+    return [quantizer(recipe.quantization, stats, gguf, level4 and not trt, trt), DeadCodeElimination()]
 
 
 def _gguf_source(recipe: Recipe, cfg, ckpt: Checkpoint):

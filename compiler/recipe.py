@@ -107,13 +107,12 @@ class Recipe(_Strict):
     def _gguf_is_exact(cls, data):
         """scheme gguf keeps the file's grids exactly; its engine computes exactly what the
         dequantised checkpoint computes only with fp32 activations (MatMulNBits level 0), so that
-        is its default; level 4 (int8 activations) may be asked for, for speed."""
+        is its default; level 4 (int8 activations) may be asked for, for speed. (TensorRT takes
+        the Q4_0 grids it can hold and refuses the rest in the pass, naming them.)"""
         if not isinstance(data, dict) or not isinstance(data.get("quantization"), dict):
             return data
         if data["quantization"].get("scheme") != "gguf":
             return data
-        if data.get("backend", "onnxruntime") != "onnxruntime":
-            raise ValueError("quantization scheme gguf builds for backend onnxruntime so far")
         ort = data.get("onnxruntime") or {}
         if not isinstance(ort, dict) or "int4_accuracy_level" in ort:
             return data

@@ -32,7 +32,7 @@ _DTYPE_TARGETS = {"fp8": ("SM89", "SM120", "SM121"), "int4": ("SM80", "SM86", "S
 
 def check_recipe(quant, cfg, targets: list[str]) -> None:
     """What can be refused from the recipe and the model config alone, before calibration."""
-    kind = None if quant is None else ("int4" if quant.scheme.startswith("int4") else quant.scheme)
+    kind = None if quant is None else ("int4" if quant.scheme.startswith("int4") or quant.scheme == "gguf" else quant.scheme)
     bad = [t for t in targets if kind in _DTYPE_TARGETS and t not in _DTYPE_TARGETS[kind]]
     if bad:
         raise KilnError(f"TensorRT backend: {kind} weights cannot be compiled for {', '.join(bad)} (the GPU lacks the datatype)",

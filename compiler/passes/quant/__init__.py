@@ -32,10 +32,11 @@ def needs_calibration(cfg) -> bool:
     return getattr(cfg, "calibration", None) is not None
 
 
-def quantizer(cfg, stats: dict | None = None, gguf=None, int8_activations: bool = False):
+def quantizer(cfg, stats: dict | None = None, gguf=None, int8_activations: bool = False, signed_int4: bool = False):
     """The quantisation pass for `cfg` (stats: calibration statistics per MatMul name; gguf: the
-    GgufSource of the gguf scheme; int8_activations: the engine's MatMulNBits runs at level 4)."""
+    GgufSource of the gguf scheme; int8_activations: the engine's MatMulNBits runs at level 4;
+    signed_int4: the backend takes only signed int4 blocks (TensorRT))."""
     cls = _PASSES[cfg.scheme]
     if cfg.scheme == "gguf":
-        return cls(cfg, gguf, int8_activations)
+        return cls(cfg, gguf, int8_activations, signed_int4)
     return cls(cfg, stats) if needs_calibration(cfg) else cls(cfg)

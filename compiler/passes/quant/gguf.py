@@ -4,7 +4,10 @@ For a `.gguf` source the frontend builds the graph from the dequantised checkpoi
 wrote; this pass then swaps each MatMul weight for its file's own integers and scales:
   4-bit types (Q4_0, Q4_1, Q4_K)            DequantizeLinear(uint4, block 32) -> MatMul
   5/6/8-bit types (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0)  DequantizeLinear(uint8, block 16 or 32) -> MatMul
-(ONNX Runtime fuses both into MatMulNBits.) A type's fixed offset (8 for Q4_0, 32 for Q6_K, 128
+(ONNX Runtime fuses both into MatMulNBits.) TensorRT's int4 is signed with no zero point and its
+int8 has no block scales, so for it every 4-bit grid becomes int4 q - 8 with the block constant
+d (8 - zp) + m as the correction below (none for Q4_0), and a build whose linears hold 8-bit
+grids is refused, each tensor named. A type's fixed offset (8 for Q4_0, 32 for Q6_K, 128
 for Q8_0) is the integer zero point. A block minimum (Q4_1, Q5_1, Q4_K, Q5_K: w = d q + m) has
 no integer zero point, and MatMulNBits' float zero points are 25-50x slower, so the minimum
 becomes a correction beside the product (ReduceSum is over each block of 32 inputs):
@@ -121,9 +124,9 @@ def _same_form(grids: list[Grid]) -> bool:
 class GgufGrids(WeightQuantizer):
     name = "quantize_gguf"
 
-    def __init__(self, cfg: GgufConfig, source: GgufSource, int8_activations: bool = False):
+    def __init__(self, cfg: GgufConfig, source: GgufSource, int8_activations: bool = False, signed_int4: bool = False):
         super().__init__(cfg)
-        self.source, self.int8_activations = source, int8_activations
+        self.source, self.int8_activations, self.signed_int4 = source, int8_activations, signed_int4
         self.kinds: dict[str, int] = {}
         self.dequantised: dict[str, str] = {}  # linear -> why
 
@@ -143,14 +146,44 @@ class GgufGrids(WeightQuantizer):
             self.kinds[g.kind] = self.kinds.get(g.kind, 0) + 1
         form = grids[0]
         del grids, found  # decoded again, one linear at a time, when the model is saved
-        use_grid(graph, lin, lambda: _concat([self.source.grid(n)[0] for n in names]), form)
+        use_grid(graph, lin, lambda: _concat([self.source.grid(n)[0] for n in names]), form, self.signed_int4)
+
+    def _check_signed_int4(self, graph: ir.Graph) -> None:
+        """Before anything changes: every quantised linear's parts must have 4-bit grids (TensorRT's
+        signed int4 blocks); the others are named with what TensorRT lacks for them."""
+        bad = {}
+        for lin in qdq.linears(graph):
+            if self.cfg.precision_of(lin.node.name) in ("fp32", "int8"):  # overrides: not a grid
+                continue
+            for name in lin.weight.metadata_props.get("kiln.merged_from", lin.weight.name).split(","):
+                grid, kind = self.source.grid(name)
+                why = _tensorrt_lacks(grid, kind)
+                if why:
+                    bad[self.source.gguf_name(name) or name] = why
+        if bad:
+            listed = "; ".join(f"{n} ({why})" for n, why in sorted(bad.items())[:6])
+            more = f"; and {len(bad) - 6} more" if len(bad) > 6 else ""
+            raise KilnError(f"TensorRT backend: {len(bad)} GGUF tensors have grids TensorRT cannot hold exactly: {listed}{more}",
+                            "use backend: onnxruntime, or keep those linears at their dequantised values with "
+                            "quantization.overrides: [{match: '/lm_head/*', precision: fp32}] (one match per linear)")
 
     def run(self, model: ir.Model) -> PassResult:
+        if self.signed_int4:
+            self._check_signed_int4(model.graph)
         res = super().run(model)
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
         notes = [f"GGUF grids kept: {kinds or 'none'}; {len(self.dequantised)} linears dequantised"]
         notes += [f"dequantised {name} ({why})" for name, why in self.dequantised.items()]
         return PassResult(res.model, bool(self.kinds), notes)
+
+
+def _tensorrt_lacks(grid: Grid | None, kind: str) -> str | None:
+    """Why TensorRT cannot hold this grid exactly, or None (4-bit: signed int4 blocks and a correction)."""
+    if grid is None:
+        return f"{kind}: no grid kiln maps"
+    if grid.bits != 4:
+        return f"{kind}: {grid.bits}-bit blocks; TensorRT block scales are int4 only"
+    return None
 
 
 def _concat(grids: list[Grid]) -> Grid:
@@ -163,31 +196,43 @@ def _concat(grids: list[Grid]) -> Grid:
                 g0.block, g0.bits, "+".join(g.kind for g in grids))
 
 
-def use_grid(graph: ir.Graph, lin: qdq.Linear, make, form: Grid) -> None:
+def use_grid(graph: ir.Graph, lin: qdq.Linear, make, form: Grid, signed: bool = False) -> None:
     """DequantizeLinear(q [K, N], scale [K/b, N], zp, axis 0, block b) -> MatMul, and for a grid
     with block minimums the correction ReduceSum(x per block) @ offset [K/b, N] added after it.
     make() -> the Grid (of lin's whole weight), called when the model is saved; form: a grid of
-    the same type (bits, block, zero point, whether it has minimums)."""
+    the same type (bits, block, zero point, whether it has minimums). signed: a 4-bit grid as
+    4-bit grid as int4 q - 8 with no zero point input and d (8 - zp) moved into the correction
+    (TensorRT's form; the same values)."""
     K, N = (int(d) for d in lin.weight.shape)
     G = K // form.block
-    qtype = ir.DataType.UINT4 if form.bits == 4 else ir.DataType.UINT8
-    specs = {"q": (qtype, (K, N)), "scale": (ir.DataType.FLOAT, (G, N)), "zp": (qtype, (G, N))}
-    if form.offset is not None:
+    if signed:
+        qtype, npq = ir.DataType.INT4, ml_dtypes.int4
+        specs = {"q": (qtype, (K, N)), "scale": (ir.DataType.FLOAT, (G, N))}
+    else:
+        qtype = ir.DataType.UINT4 if form.bits == 4 else ir.DataType.UINT8
+        npq = ml_dtypes.uint4 if form.bits == 4 else np.uint8
+        specs = {"q": (qtype, (K, N)), "scale": (ir.DataType.FLOAT, (G, N)), "zp": (qtype, (G, N))}
+    corrected = form.offset is not None or (signed and form.zero_point != 8)
+    if corrected:
         specs["offset"] = (ir.DataType.FLOAT, (G, N))
-    npq = ml_dtypes.uint4 if form.bits == 4 else np.uint8
 
     def arrays() -> dict[str, np.ndarray]:
         g = make()
-        out = {"q": np.ascontiguousarray(g.q.T).astype(npq), "scale": np.ascontiguousarray(g.scale.T),
-               "zp": np.full((G, N), g.zero_point, dtype=np.uint8).astype(npq)}  # [K, N], [K/b, N]
-        if g.offset is not None:
-            out["offset"] = np.ascontiguousarray(g.offset.T)
+        zp = 8 if signed else g.zero_point
+        out = {"q": np.ascontiguousarray(g.q.T.astype(np.int16) - (zp if signed else 0)).astype(npq),  # [K, N]
+               "scale": np.ascontiguousarray(g.scale.T)}  # [K/b, N]
+        if not signed:
+            out["zp"] = np.full((G, N), zp, dtype=np.uint8).astype(npq)
+        if corrected:  # w = d (q - zp) + m = d (q - zp') + [d (zp' - zp) + m]
+            off = g.scale * np.float32(zp - g.zero_point) + (0 if g.offset is None else g.offset)
+            out["offset"] = np.ascontiguousarray(off.T, dtype=np.float32)
         return out
 
     inputs = qdq.lazy_inputs(graph, lin, arrays, specs)
-    qdq.dequantize_weight(graph, lin, inputs[:3], [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", form.block)])
-    if form.offset is not None:
-        _add_offset(graph, lin, inputs[3], form.block, G)
+    weight = inputs[:2] if signed else inputs[:3]
+    qdq.dequantize_weight(graph, lin, weight, [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", form.block)])
+    if corrected:
+        _add_offset(graph, lin, inputs[-1], form.block, G)
 
 
 def _add_offset(graph: ir.Graph, lin: qdq.Linear, off: ir.Value, block: int, blocks: int) -> None:

@@ -13,7 +13,8 @@ from compiler.build import build
 from compiler.errors import KilnError
 from compiler.recipe import parse_recipe
 from compiler.runtime.plan import read_plan_header
-from tests.conftest import ROOT, SMOLLM2_DIR, build_artifact
+from tests.conftest import ROOT, SMOLLM2_DIR, SMOLLM2_GGUF, build_artifact
+from tests.passes.test_quant_gguf import smollm2_q4_0  # noqa: F401 (fixture)
 
 pytest.importorskip("tensorrt_rtx")
 
@@ -119,3 +120,31 @@ def test_smollm2_recipe_engine(tmp_path):
     assert {t["name"]: t["shape"] for t in engine["inputs"]}["past_key.29"] == ["batch", 3, 2048, 64]
     weights = int(re.search(r"Total Weights Memory: (\d+)", (art / "build.log").read_text()).group(1))
     assert weights > 250e6 and (art / "rank0.engine").stat().st_size <= 1.1 * weights
+
+
+@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="run `make model` first")
+def test_gguf_8bit_grids_are_refused_by_name_and_an_override_builds(tmp_path):
+    """SmolLM2's Q4_1 grids become signed int4 plus the block-constant correction; its Q8_0 lm_head
+    (8-bit blocks: TensorRT int8 has none) is refused by name, nothing written, until an override
+    keeps it at its dequantised values."""
+    gguf = {"scheme": "gguf", "file": str(SMOLLM2_GGUF)}
+    with pytest.raises(KilnError, match=r"1 GGUF tensors have grids TensorRT cannot hold exactly: "
+                                        r"token_embd\.weight \(Q8_0: 8-bit blocks") as e:
+        trt_build(SMOLLM2_DIR, tmp_path, "g-trt", quantization=gguf)
+    assert "overrides" in e.value.fix
+    assert not list(tmp_path.glob("*g-trt*"))
+    art = trt_build(SMOLLM2_DIR, tmp_path, "g-trt", quality={"gate": False},
+                    quantization={**gguf, "overrides": [{"match": "/lm_head/*", "precision": "fp32"}]})
+    notes = [n for p in json.loads((art / "kiln.json").read_text())["graph"]["passes"] for n in p["notes"]]
+    assert "GGUF grids kept: Q4_1 210; 0 linears dequantised" in notes
+
+
+def test_q4_0_gguf_builds_on_its_int4_grids(smollm2_q4_0, tmp_path):
+    """Q4_0 is TensorRT's own form (signed int4, block 32, no correction): the engine holds int4
+    weights (the fp16 engine of the same model holds 270 MB)."""
+    path, imported = smollm2_q4_0
+    art = trt_build(imported, tmp_path, "q40-trt", quantization={"scheme": "gguf", "file": str(path)}, quality={"gate": False})
+    notes = [n for p in json.loads((art / "kiln.json").read_text())["graph"]["passes"] for n in p["notes"]]
+    assert "GGUF grids kept: Q4_0 211; 0 linears dequantised" in notes
+    weights = int(re.search(r"Total Weights Memory: (\d+)", (art / "build.log").read_text()).group(1))
+    assert weights < 150e6  # fp16 embedding (57 MB) + int4 linears and their fp16 scales
