@@ -10,7 +10,7 @@ SMOLLM2_DIR := .cache/models/smollm2-135m
 RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model demo test bench bench-build bench-serve bench-gpu bench-plugins all publish clean $(RECIPES)
+.PHONY: setup model demo test support-matrix bench bench-build bench-serve bench-gpu bench-plugins all publish clean $(RECIPES)
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,12 @@ demo: smollm2-135m
 
 test: setup model
 	$(BIN)/python -m pytest -q
+
+# `kiln support`: one named check per architecture x backend x precision cell on tiny random-weight
+# checkpoints (parity with transformers, closeness to fp32, TensorRT plan targets); writes
+# compiler/support_matrix.json (minutes on 2 cores); tests never write it
+support-matrix: setup
+	$(BIN)/python scripts/support_matrix.py
 
 bench: setup model
 	$(BIN)/python -m pip install -q -e ".[bench]"

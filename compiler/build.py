@@ -1,6 +1,8 @@
 """`kiln build`: recipe -> checkpoint -> graph -> passes -> backend -> artifacts/<name>/.
 
-Everything is written into a temp dir beside the destination and renamed into place at the
+build() = prepare (every refusal that needs no work) -> compile_into (the pipeline of
+compiler/pipeline.py on each rank's graph, then the backend's rank loop) -> the quality gate ->
+kiln.json. Everything is written into a temp dir beside the destination and renamed into place at the
 end, so a failed build leaves nothing behind. The manifest `kiln.json` records the resolved
 recipe, the source digest, the sha256 of every file, the backend and its version, the I/O spec
 and the build's time, peak memory and host.
@@ -9,7 +11,6 @@ and the build's time, peak memory and host.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -19,27 +20,57 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import onnx_ir as ir
 import onnxruntime
 
-from compiler import __version__, build_cache, build_ranks
-from compiler.backends.onnxruntime import backend as ort_backend
-from compiler.backends.onnxruntime.legalise import legalise
+from compiler import __version__, backends, build_cache, build_ranks, pipeline
+from compiler.backends.base import ModelFacts
 from compiler.card import render as render_card
 from compiler.errors import KilnError
 from compiler.frontend import models
-from compiler.memory import return_freed_memory
 from compiler.frontend.checkpoint import Checkpoint
+from compiler.frontend.sharding import Layout
 from compiler.frontend.sources import resolve_source
 from compiler.fsutil import replace_dir
-from compiler.passes import PassManager, make, plugin_ops
+from compiler.memory import return_freed_memory
+from compiler.passes import PassManager, plugin_ops
+from compiler.passes.base import PassRecord
+from compiler.passes.parallel.pipeline import PipelineStage
+from compiler.passes.parallel.tensor_parallel import TensorParallel
 from compiler.recipe import Recipe
-from compiler.runtime.config import GenerationDefaults, SessionConfig
+from compiler.runtime.config import EngineConfig, GenerationDefaults
 from compiler.runtime.verify import record
+
+@dataclass
+class Prepared:
+    """The build's inputs once every refusal that needs no build work has passed."""
+
+    source: Path
+    ckpt: Checkpoint
+    digest: str
+    build_key: str
+    arch: models.Architecture
+    cfg: object  # the architecture's config dataclass
+    facts: ModelFacts
+    layout: Layout | None  # tp x pp, or None for a single-rank build
+    model: ir.Model | None  # the frontend's graph (lazy weights), single-rank builds only
+
+
+@dataclass
+class BuildResult:
+    """What compiling produced, for kiln.json."""
+
+    engine: EngineConfig
+    backend: dict  # kiln.json `backend`
+    nodes: int  # rank 0's graph as emitted
+    passes: list[PassRecord]  # rank 0's pipeline, every pass
+    plugins: list[dict]  # one record per plugin op type
+    stages: dict = field(default_factory=dict)  # seconds per build stage
+    quality: dict | None = None
 
 
 def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progress: bool = True, force: bool = False) -> dict:
@@ -53,126 +84,125 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     build_key = build_cache.key(recipe.resolved(), digest, _backend_version(recipe))
     if not force and dump_ir is None and (done := build_cache.up_to_date(out_root / recipe.name, build_key)) is not None:
         return {**done, "up_to_date": True}
-    arch = models.lookup(ckpt.config)
-    cfg = arch.config(ckpt.config)
-    _check_tokenizer(ckpt)
-    if recipe.max_seq > cfg.max_position_embeddings:
-        raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
-                        "lower max_seq in the recipe")
-    task = getattr(arch, "TASK", "generate")
-    if task == "embed" and (recipe.quantization is not None or recipe.backend != "onnxruntime"):
-        raise KilnError(f"{arch.ARCH} is an encoder: kiln builds it for onnxruntime without quantization so far",
-                        "remove quantization and set backend: onnxruntime")
-    lay = build_ranks.layout(recipe, arch, cfg) if recipe.parallel.world_size > 1 else None  # before any work
-    if recipe.backend == "tensorrt":
-        from compiler.backends.tensorrt import backend as trt_backend
-
-        trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration and any build work
-    facts = ort_backend.ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size,
-                                   _generation(ckpt), task)
-    model = arch.build(cfg, ckpt, recipe.max_seq)  # lazy: no weight is read yet
-    ckpt.check_all_claimed(arch.IGNORED_WEIGHTS)  # before any work: a lying config.json is refused here
-    pm, plugin_records, stages = None, [], {}
-    if lay is not None:
-        model = None  # each rank builds its own graph
-    else:
-        # quantisation before the plugins' rewrites: its smoothing finds its sinks in the graph it knows
-        t = time.perf_counter()
-        quant = _quant_passes(recipe, arch, cfg, ckpt, progress, digest)  # calibration, if the scheme has one
-        stages["calibration_s"] = round(time.perf_counter() - t, 2)
-        pm = PassManager(make(recipe.passes) + quant + plugin_ops.rewrite_passes(recipe), dump_dir=dump_ir)
-        t = time.perf_counter()
-        model = pm.run(model)
-        stages["passes_s"] = round(time.perf_counter() - t, 2)
-        model, plugin_records = plugin_ops.bind(model, recipe.backend)
-        pm.passes.clear()  # the quantiser holds the calibration statistics: drop them (records stay)
-        return_freed_memory()  # calibration's buffers, before the backend's own peak
-        if recipe.backend == "tensorrt":
-            trt_backend.check(model, facts, cfg.num_heads)
-    dest = out_root / recipe.name
+    prep = prepare(recipe, source, ckpt, digest, build_key)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", suffix=".tmp", dir=out_root))
-    t_emit = time.perf_counter()
     tmp.chmod(0o755)
     try:
-        if lay is not None:
-            engine, flavour, pm, nodes, plugin_records = build_ranks.emit(recipe, arch, cfg, ckpt, facts, lay, tmp, progress, dump_ir)
-        elif recipe.backend == "tensorrt":
-            engine = trt_backend.emit(model, facts, cfg.num_heads, tmp, recipe.tensorrt, max_batch=recipe.max_batch,
-                                      max_seq=recipe.max_seq, progress=progress)
-            flavour = f"tensorrt-network {engine.tensorrt.precision}"
-        else:
-            engine, flavour = _emit_onnxruntime(recipe, model, cfg, facts, tmp, progress)
-        if recipe.speculative is not None and (tmp / "engine.json").is_file():  # the runtime's default
-            engine = dataclasses.replace(engine, speculative=recipe.speculative.model_dump())
-            (tmp / "engine.json").write_text(engine.to_json())
+        result = compile_into(recipe, prep, tmp, dump_ir, progress)
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
-        nodes = len(model.graph) if model is not None else nodes
-        del model  # the quality gate loads engines: free the graph first
-        gc.collect()
-        # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
-        stages["emit_s"] = round(time.perf_counter() - t_emit, 2)
         t = time.perf_counter()
-        gate = recipe.quantization and recipe.backend == "onnxruntime" and recipe.quality.gate
-        quality = _quality_gate(recipe, tmp, source, progress) if gate else None
-        stages["quality_gate_s"] = round(time.perf_counter() - t, 2)
-        _log_plugins(plugin_records, tmp, progress)  # before the manifest hashes build.log
-        manifest = _manifest(recipe, source, ckpt, arch, cfg, engine, flavour, nodes, pm, quality, t0, tmp)
-        manifest["build"]["stages"] = stages
-        manifest["task"], manifest["build_key"] = engine.task, build_key
-        if lay is not None:
-            manifest["parallel"] = build_ranks.manifest_section(engine, arch, cfg, ckpt, recipe.max_seq)
-        manifest["plugins"] = plugin_records
-        manifest["source"] = {"path": manifest["source"]["path"], "digest": digest, **manifest["source"]}
-        card = tmp / "README.md"
-        card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))
-        record(manifest, [card])
-        (tmp / "kiln.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        replace_dir(tmp, dest)
+        if recipe.quantization and recipe.backend == "onnxruntime" and recipe.quality.gate:
+            # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
+            result.quality = _quality_gate(recipe, tmp, source, progress)
+        result.stages["quality_gate_s"] = round(time.perf_counter() - t, 2)
+        manifest = _write_manifest(recipe, prep, result, t0, tmp, progress)
+        replace_dir(tmp, out_root / recipe.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _emit_onnxruntime(recipe: Recipe, model, cfg, facts, tmp: Path, progress: bool):
-    o = recipe.onnxruntime
-    flavour = "standard"
-    if o.precision != "float32":
-        from compiler.passes.precision import ToHalf
+def prepare(recipe: Recipe, source: Path, ckpt: Checkpoint, digest: str, build_key: str) -> Prepared:
+    """Every refusal that needs no build work: the model, its tokenizer, the recipe's limits,
+    the parallel layout and the backend's recipe rules."""
+    arch = models.lookup(ckpt.config)
+    cfg = arch.config(ckpt.config)
+    _check_tokenizer(ckpt)
+    if recipe.max_seq > cfg.max_position_embeddings:
+        raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
+                        "lower max_seq in the recipe")
+    if arch.task == "embed" and (recipe.quantization is not None or recipe.backend != "onnxruntime"):
+        raise KilnError(f"{arch.name} is an encoder: kiln builds it for onnxruntime without quantization so far",
+                        "remove quantization and set backend: onnxruntime")
+    lay = build_ranks.layout(recipe, arch, cfg) if recipe.parallel.world_size > 1 else None
+    if recipe.backend == "tensorrt":
+        from compiler.backends.tensorrt import backend as trt_backend
 
-        half = ToHalf(ir.DataType.FLOAT16 if o.precision == "float16" else ir.DataType.BFLOAT16)
-        model = PassManager([half]).run(model)
-        flavour = o.precision
-    if o.graph == "contrib":
-        model = legalise(model, cfg)
-        flavour = f"ort-contrib {flavour}" if o.precision != "float32" else "ort-contrib"
-    entries = {"session.qdq_matmulnbits_accuracy_level": str(o.int4_accuracy_level)}
-    if recipe.quantization is not None and recipe.quantization.scheme == "fp8":
-        # ORT 1.31 fuses Q/DQ + MatMul into MatMulIntegerToFloat, which rejects float8: keep QDQ as is
-        entries["session.disable_quant_qdq"] = "1"
-    session = SessionConfig(intra_op_threads=o.intra_op_threads, config_entries=entries)
-    if o.device == "cuda":
-        session = cuda_session_config(o, entries)
-    engine = ort_backend.emit(model, facts, tmp, max_batch=recipe.max_batch, max_seq=recipe.max_seq,
-                              session=session, graph_flavour=flavour, progress=progress)
-    return engine, flavour
+        trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration
+    facts = ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size, _generation(ckpt), arch.task)
+    model = arch.build(cfg, ckpt, recipe.max_seq)  # lazy: no weight is read yet
+    ckpt.check_all_claimed(arch.ignored_weights)  # a lying config.json is refused here
+    return Prepared(source, ckpt, digest, build_key, arch, cfg, facts, lay, model if lay is None else None)
 
 
-def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine, flavour: str, nodes: int,
-              pm: PassManager, quality: dict | None, t0: float, tmp: Path) -> dict:
+def compile_into(recipe: Recipe, prep: Prepared, out: Path, dump_ir: Path | None, progress: bool) -> BuildResult:
+    """Run the build pipeline on each rank's graph and have the backend write it into `out`."""
+    ctx = pipeline.Context(prep.arch, prep.cfg, prep.ckpt, prep.digest, progress)
+    managers: list[PassManager] = []
+    spec = recipe.speculative.model_dump() if recipe.speculative is not None else None
+    t = time.perf_counter()
+    if prep.layout is None:
+        backend = backends.make(recipe, prep.facts, getattr(prep.cfg, "num_heads", 0), progress)
+        emitted = backends.emit(backend, _single_rank(recipe, prep, ctx, dump_ir, managers), 1, out, speculative=spec)
+    else:
+        lay, rcfg = prep.layout, build_ranks.rank_config(prep.cfg, prep.layout)
+        backend = backends.make(recipe, dataclasses.replace(prep.facts, num_kv_heads=rcfg.num_kv_heads), rcfg.num_heads, progress)
+        models_ = build_ranks.rank_models(recipe, prep.arch, prep.cfg, prep.ckpt, lay, ctx, dump_ir, managers)
+        emitted = backends.emit(backend, models_, lay.world_size, out, speculative=spec,
+                                rank_spec=lambda r, o: build_ranks.rank_spec(lay, r, o, managers[r]),
+                                parallel=lambda ranks: build_ranks.parallel_spec(lay, prep.cfg, ranks))
+    pm = managers[0]
+    calibration = sum(getattr(p, "calibration_s", 0.0) for p in pm.passes)
+    passes_s = sum(r.seconds for m in managers for r in m.records) - calibration
+    stages = {"calibration_s": round(calibration, 2), "passes_s": round(passes_s, 2),
+              "emit_s": round(time.perf_counter() - t - calibration - passes_s, 2)}
+    plugins = next((p.records for p in pm.passes if isinstance(p, plugin_ops.BindPlugins)), [])
+    _log_plugins(plugins, out, progress)  # before the manifest hashes build.log
+    return BuildResult(emitted.engine, backend.record(emitted.engine), emitted.first_model_nodes, pm.records, plugins, stages)
+
+
+def _single_rank(recipe: Recipe, prep: Prepared, ctx: pipeline.Context, dump_ir: Path | None, managers: list):
+    """The one graph of a single-rank build after the whole pipeline."""
+    pm = PassManager(pipeline.plan(recipe, ctx), dump_dir=dump_ir)
+    managers.append(pm)
+    model, prep.model = prep.model, None
+    model = pm.run(model)
+    return_freed_memory()  # calibration's buffers, before the backend's own peak
+    yield model
+
+
+def list_passes(recipe: Recipe) -> list[tuple[str, str]]:
+    """The build's pipeline as (name, what it does), without reading a weight or calibrating."""
+    source = resolve_source(recipe.source)
+    ckpt = Checkpoint.open(source)
+    arch = models.lookup(ckpt.config)
+    cfg = arch.config(ckpt.config)
+    ctx = pipeline.Context(arch, cfg, ckpt, progress=False)
+    if recipe.parallel.world_size > 1:
+        lay = build_ranks.layout(recipe, arch, cfg)
+        split = [PipelineStage(0, lay.stages, cfg.hidden_size), TensorParallel(arch.shards, lay.tp, 0)]
+        return pipeline.describe(pipeline.plan(recipe, dataclasses.replace(ctx, cfg=build_ranks.rank_config(cfg, lay)), split))
+    return pipeline.describe(pipeline.plan(recipe, ctx))
+
+
+def _write_manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tmp: Path, progress: bool) -> dict:
+    """kiln.json and the engine card, written into tmp last (they hash every other file)."""
+    manifest = _manifest(recipe, prep, result, t0, tmp)
+    if prep.layout is not None:
+        manifest["parallel"] = build_ranks.manifest_section(result.engine, prep.arch, prep.cfg, prep.ckpt, recipe.max_seq)
+    card = tmp / "README.md"
+    card.write_text(render_card(json.loads(json.dumps(manifest, default=str))))
+    record(manifest, [card])
+    (tmp / "kiln.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def _manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tmp: Path) -> dict:
     """kiln.json: what went in (recipe, source digest), what came out (I/O, files) and the build's cost."""
+    engine = result.engine
     return {
         "kiln_version": __version__,
         "name": recipe.name,
         "recipe": recipe.resolved(),
-        "source": {"path": str(source), "architecture": models.arch_name(ckpt.config), "config": asdict(cfg)},
-        "backend": _backend_record(engine, flavour),
+        "source": {"path": str(prep.source), "digest": prep.digest, "architecture": models.arch_name(prep.ckpt.config), "config": asdict(prep.cfg)},
+        "backend": result.backend,
         "io": {"inputs": [asdict(s) for s in engine.inputs], "outputs": [asdict(s) for s in engine.outputs]},
-        "graph": {"nodes": nodes, "passes": [asdict(r) for r in pm.records]},
+        "graph": {"nodes": result.nodes, "passes": [asdict(r) for r in result.passes]},
         "quantization": recipe.quantization.model_dump(mode="json") if recipe.quantization else None,
-        "quality": quality,
+        "quality": result.quality,
         "build": {
             "seconds": round(time.perf_counter() - t0, 2),
             # this process only: the quality gate's fp32 reference is built in a child process
@@ -181,7 +211,11 @@ def _manifest(recipe: Recipe, source: Path, ckpt: Checkpoint, arch, cfg, engine,
             "platform": platform.platform(),
             "cpu": cpu_description(),  # quantised results are compared across machines by these
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "stages": result.stages,
         },
+        "task": engine.task,
+        "build_key": prep.build_key,
+        "plugins": result.plugins,
     } | record({}, sorted(tmp.iterdir()))  # "files": {name: sha256}, "sizes": {name: bytes}
 
 
@@ -218,25 +252,6 @@ def _log_plugins(records: list[dict], tmp: Path, progress: bool) -> None:
         print("\n".join(lines), file=sys.stderr)
 
 
-def cuda_session_config(o, entries: dict) -> SessionConfig:
-    """CUDA EP options chosen by kiln: no cuDNN algorithm search (no convolutions here), an arena
-    that grows by what is asked (the KV cache is allocated once), copies on the compute stream,
-    and CUDA graphs enabled for the decode step (the runtime picks a graph id per batch size)."""
-    options = {"device_id": str(o.device_id), "arena_extend_strategy": "kSameAsRequested",
-               "cudnn_conv_algo_search": "DEFAULT", "do_copy_in_default_stream": "1",
-               "enable_cuda_graph": "1" if o.cuda_graph else "0"}
-    return SessionConfig(execution_provider="CUDAExecutionProvider", intra_op_threads=1, config_entries=entries,
-                         provider_options=options, cuda_graph=o.cuda_graph)
-
-
-def _backend_record(engine, flavour: str) -> dict:
-    if engine.tensorrt is not None:
-        t = engine.tensorrt
-        return {"name": t.flavour, "version": t.version, "graph": flavour, "precision": t.precision,
-                "targets": t.targets, "profiles": t.profiles}
-    return {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": flavour}
-
-
 def _backend_version(recipe: Recipe) -> str:
     if recipe.backend == "tensorrt":
         from compiler.backends.tensorrt import trt_module
@@ -246,37 +261,6 @@ def _backend_version(recipe: Recipe) -> str:
     return f"onnxruntime {onnxruntime.__version__}"
 
 
-def _quant_passes(recipe: Recipe, arch, cfg, ckpt: Checkpoint, progress: bool, digest: str | None = None) -> list:
-    """The recipe's quantisation pass (after calibration, if its scheme needs it) and a cleanup."""
-    if recipe.quantization is None:
-        return []
-    from compiler.passes.cleanup import DeadCodeElimination
-    from compiler.passes.quant import needs_calibration, quantizer
-
-    stats = None
-    if needs_calibration(recipe.quantization):
-        from compiler.passes.quant.calibrate_model import calibrate
-
-        stats = calibrate(recipe, arch, cfg, ckpt, progress, source_digest=digest)
-    gguf = _gguf_source(recipe, cfg, ckpt) if recipe.quantization.scheme == "gguf" else None
-    level4, trt = recipe.onnxruntime.int4_accuracy_level == 4, recipe.backend == "tensorrt"
-    return [quantizer(recipe.quantization, stats, gguf, level4 and not trt, trt), DeadCodeElimination()]
-
-
-def _gguf_source(recipe: Recipe, cfg, ckpt: Checkpoint):
-    """The GGUF file whose grids the gguf scheme keeps: `file`, else the recipe's .gguf source."""
-    from compiler.passes.quant.gguf import GgufSource
-
-    file = recipe.quantization.file or recipe.source
-    path = Path(file).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
-        raise KilnError(f"quantization scheme gguf needs a .gguf file; {file} is not one",
-                        "set source: to the .gguf file (or quantization.file: to the one the checkpoint came from)")
-    source = GgufSource(path, ckpt, (getattr(cfg, "num_heads", 0), getattr(cfg, "num_kv_heads", 0)))
-    _ = source.tensors  # opened now: a file that is not a GGUF is refused before any work
-    return source
-
-
 def _quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) -> dict:
     """Perplexity, top-1 agreement and KL vs the fp32 engine; a violated limit fails the build."""
     from compiler.evaluate import evaluate
@@ -284,7 +268,6 @@ def _quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) 
     q = recipe.quality
     res = evaluate(artifact, reference=source, text_path=Path(q.text) if q.text else None, window=q.window, progress=progress)
     figures = res.to_dict()
-    figures["ppl_increase_pct"] = 100.0 * (res.perplexity / res.reference_perplexity - 1.0)
     failed = []
     if q.max_ppl_increase_pct is not None and figures["ppl_increase_pct"] > q.max_ppl_increase_pct:
         failed.append(f"perplexity +{figures['ppl_increase_pct']:.2f}% > +{q.max_ppl_increase_pct}%")

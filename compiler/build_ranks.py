@@ -1,9 +1,10 @@
 """Multi-rank builds (`parallel: {tp, pp}` in a recipe): one graph per rank, written one at a time.
 
-For rank r = stage * tp + tp_rank the frontend's graph goes through `tensor_parallel` (the
-architecture's ShardSpecs: weights split, all-reduces inserted) and `pipeline_stage` (its
-layers only, hidden state in/out), then the recipe's passes and the backend. Weights stay lazy
-until a rank is written, and each rank's graph is dropped before the next is built, so the
+For rank r = stage * tp + tp_rank the frontend's graph goes through the build pipeline with the
+rank's split in front: `pipeline_stage` (its layers only, hidden state in/out) and
+`tensor_parallel` (the architecture's ShardSpecs: weights split, all-reduces inserted), then the
+recipe's passes; the backend's rank loop (compiler/backends/base.py) writes each. Weights stay
+lazy until a rank is written, and each rank's graph is dropped before the next is built, so the
 build's peak memory does not grow with the number of ranks.
   onnxruntime  rank{r}.onnx (+ .data): the rank's graph with its collectives, and
                rank{r}.part{k}.onnx: the pieces between collectives, sharing that weights file.
@@ -13,19 +14,17 @@ build's peak memory does not grow with the number of ranks.
 from __future__ import annotations
 
 import dataclasses
-import gc
 from pathlib import Path
 
-from compiler.backends.onnxruntime import backend as ort_backend
-from compiler.backends.onnxruntime.legalise import legalise
-from compiler.backends.onnxruntime.partition import write_parts
+from compiler import pipeline
+from compiler.backends.base import RankOutput
 from compiler.errors import KilnError
 from compiler.frontend.sharding import Layout, plan
 from compiler.ir.builder import initializer_bytes
-from compiler.passes import PassManager, make, plugin_ops
+from compiler.passes import PassManager
 from compiler.passes.parallel.pipeline import PipelineStage
 from compiler.passes.parallel.tensor_parallel import TensorParallel
-from compiler.runtime.config import EngineConfig, KVCacheSpec, ParallelSpec, RankSpec, SessionConfig, TensorSpec
+from compiler.runtime.config import EngineConfig, ParallelSpec, RankSpec
 
 
 def layout(recipe, arch, cfg) -> Layout:
@@ -34,82 +33,44 @@ def layout(recipe, arch, cfg) -> Layout:
     if recipe.quantization is not None:
         raise KilnError("quantization with parallel.tp/pp > 1 is not supported yet",
                         "build the quantised engine single-rank, or remove quantization")
-    if getattr(arch, "TASK", "generate") != "generate":
-        raise KilnError(f"{arch.ARCH} is an encoder: kiln splits decoders only", "remove parallel from the recipe")
+    if arch.task != "generate":
+        raise KilnError(f"{arch.name} is an encoder: kiln splits decoders only", "remove parallel from the recipe")
     if recipe.backend == "onnxruntime" and recipe.onnxruntime.device != "cpu":
         raise KilnError("multi-rank ONNX Runtime engines run on the CPU provider (gloo) so far",
                         "set onnxruntime.device: cpu, or build a single-rank CUDA engine")
     if recipe.backend == "tensorrt" and p.pp > 1:
         raise KilnError("TensorRT multi-rank engines are tensor parallel only so far", "set parallel.pp: 1")
     stages = [tuple(s) for s in p.stages] if p.stages else None
-    return plan(cfg, p.tp, p.pp, stages, arch.ARCH, getattr(arch, "SHARDS", None) is not None)
+    return plan(cfg, p.tp, p.pp, stages, arch.name, arch.shardable)
 
 
-def rank_model(recipe, arch, cfg, ckpt, lay: Layout, rank: int, dump_ir: Path | None):
-    """The rank's graph after the parallel passes, the recipe's passes and the plugin binding; the
-    PassManager; the plugin records (the same for every rank)."""
+def rank_models(recipe, arch, cfg, ckpt, lay: Layout, ctx: pipeline.Context, dump_ir: Path | None, managers: list):
+    """Each rank's graph after its pipeline (parallel split, then the recipe's passes), built as
+    it is taken; each rank's PassManager is appended to `managers`."""
+    for rank in range(lay.world_size):
+        stage, tp_rank = lay.coords(rank)
+        split = [PipelineStage(stage, lay.stages, cfg.hidden_size), TensorParallel(arch.shards, lay.tp, tp_rank)]
+        pm = PassManager(pipeline.plan(recipe, dataclasses.replace(ctx, cfg=rank_config(cfg, lay)), split),
+                         dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
+        managers.append(pm)
+        yield pm.run(arch.build(cfg, ckpt, recipe.max_seq))
+
+
+def rank_spec(lay: Layout, rank: int, out: RankOutput, pm: PassManager) -> RankSpec:
     stage, tp_rank = lay.coords(rank)
-    model = arch.build(cfg, ckpt, recipe.max_seq)
-    passes = [PipelineStage(stage, lay.stages, cfg.hidden_size), TensorParallel(getattr(arch, "SHARDS", ()), lay.tp, tp_rank)]
-    pm = PassManager(passes + make(recipe.passes) + plugin_ops.rewrite_passes(recipe),
-                     dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
-    model, records = plugin_ops.bind(pm.run(model), recipe.backend)
-    return model, pm, records
-
-
-def rank_spec(lay: Layout, rank: int, model_file: str, steps: list[dict], pm: PassManager) -> RankSpec:
-    stage, tp_rank = lay.coords(rank)
-    tp_pass = pm.passes[1]
-    return RankSpec(rank, stage, tp_rank, list(lay.stages[stage]), model_file, steps,
+    tp_pass = next(p for p in pm.passes if isinstance(p, TensorParallel))
+    return RankSpec(rank, stage, tp_rank, list(lay.stages[stage]), out.model_file, out.steps,
                     tp_pass.sharded_bytes + tp_pass.replicated_bytes, tp_pass.replicated_bytes)
+
+
+def parallel_spec(lay: Layout, cfg, ranks: list[RankSpec]) -> ParallelSpec:
+    return ParallelSpec(lay.tp, lay.pp, [list(s) for s in lay.stages], cfg.hidden_size, ranks)
 
 
 def rank_config(cfg, lay: Layout):
     """The model config as one rank sees it (its heads and intermediate slice)."""
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // lay.tp, num_kv_heads=cfg.num_kv_heads // lay.tp,
                                intermediate_size=cfg.intermediate_size // lay.tp)
-
-
-def emit_onnxruntime(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, progress: bool, dump_ir: Path | None):
-    """Every rank's files; returns (engine config, graph flavour, rank 0's PassManager, node count,
-    plugin records)."""
-    o = recipe.onnxruntime
-    ranks, first_pm, nodes, records = [], None, 0, []
-    rcfg = rank_config(cfg, lay)
-    for r in range(lay.world_size):
-        model, pm, records = rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir)
-        first_pm, nodes = first_pm or pm, nodes or len(model.graph)
-        if o.graph == "contrib":
-            model = legalise(model, rcfg)
-        name = f"rank{r}.onnx"
-        ort_backend.save(model, tmp / name, f"{name}.data", progress)
-        del model
-        gc.collect()
-        ranks.append(rank_spec(lay, r, name, write_parts(tmp / name, f"rank{r}"), pm))
-    flavour = "ort-contrib" if o.graph == "contrib" else "standard"
-    entries = {"session.qdq_matmulnbits_accuracy_level": str(o.int4_accuracy_level)}
-    engine = EngineConfig(
-        backend="onnxruntime", model_file="rank0.onnx",
-        inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"]), TensorSpec("position_ids", "int64", ["batch", "seq"]),
-                TensorSpec("logits_positions", "int64", ["batch", "logits"])],
-        outputs=[TensorSpec("logits", "float32", ["batch", "logits", cfg.vocab_size])],
-        kv_cache=KVCacheSpec(cfg.num_layers, rcfg.num_kv_heads, cfg.head_dim, recipe.max_seq),
-        max_batch=recipe.max_batch, max_seq=recipe.max_seq, vocab_size=cfg.vocab_size,
-        session=SessionConfig(intra_op_threads=o.intra_op_threads, config_entries=entries),
-        generation=facts.generation, graph_flavour=flavour,
-        parallel=ParallelSpec(lay.tp, lay.pp, [list(s) for s in lay.stages], cfg.hidden_size, ranks),
-    )
-    (tmp / "engine.json").write_text(engine.to_json())
-    return engine, f"{flavour} tp={lay.tp} pp={lay.pp}", first_pm, nodes, records
-
-
-def emit(recipe, arch, cfg, ckpt, facts, lay: Layout, tmp: Path, progress: bool, dump_ir: Path | None):
-    if recipe.backend == "tensorrt":
-        from compiler.backends.tensorrt.ranks import emit_ranks
-
-        models = (rank_model(recipe, arch, cfg, ckpt, lay, r, dump_ir) for r in range(lay.world_size))
-        return emit_ranks(recipe, cfg, rank_config(cfg, lay), facts, lay, tmp, progress, models, rank_spec)
-    return emit_onnxruntime(recipe, arch, cfg, ckpt, facts, lay, tmp, progress, dump_ir)
 
 
 def manifest_section(engine: EngineConfig, arch, cfg, ckpt, max_seq: int) -> dict:

@@ -24,6 +24,8 @@ def _build(args) -> int:
         overrides["tensorrt"] = {**recipe.tensorrt.model_dump(mode="json"), "verbose_log": True}
     if overrides:  # through the recipe's own validation, as if the recipe said it
         recipe = parse_recipe({**recipe.resolved(), **overrides}, f"{args.recipe} (with command-line overrides)")
+    if args.list_passes:
+        return _list_passes(recipe, args)
     manifest = build(recipe, Path(args.out), dump_ir=Path(args.dump_ir) if args.dump_ir else None, progress=not args.quiet,
                      force=args.force)
     dest = Path(args.out) / recipe.name
@@ -35,6 +37,20 @@ def _build(args) -> int:
     elif not args.quiet:
         b = manifest["build"]
         print(f"built {dest} in {b['seconds']:.1f} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
+def _list_passes(recipe, args) -> int:
+    """The build's pipeline, one pass a line (nothing is built, read or calibrated)."""
+    from compiler.build import list_passes
+
+    passes = list_passes(recipe)
+    if args.json:
+        print(json.dumps([{"name": n, "does": d} for n, d in passes]))
+        return 0
+    width = max(len(n) for n, _ in passes)
+    for i, (name, does) in enumerate(passes, start=1):
+        print(f"{i:2d}  {name.ljust(width)}  {does}")
     return 0
 
 
@@ -262,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-seq", type=int, help="override the recipe's max_seq")
     b.add_argument("--max-batch", type=int, help="override the recipe's max_batch")
     b.add_argument("--force", action="store_true", help="rebuild even when the artifact is up to date")
+    b.add_argument("--list-passes", action="store_true", help="print the build's passes in order and exit (builds nothing)")
     b.add_argument("--verbose", action="store_true", help="tensorrt: keep the builder's VERBOSE log (DETAILED layers) in build.log")
 
     r = cmd("run", _run, "generate text with a built artifact")

@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 
 from compiler.errors import KilnError
-from compiler.runtime.verify import ArtifactTampered, verify_artifact
+from compiler.runtime.verify import verified
 
 TEMPLATES = Path(__file__).with_name("templates")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +34,7 @@ class TritonOptions:
 
 def export(artifact: Path, repo: Path, opts: TritonOptions = TritonOptions()) -> Path:
     artifact = Path(artifact).resolve()
-    try:
-        verify_artifact(artifact)
-    except ArtifactTampered as e:
-        raise KilnError(str(e), "rebuild the artifact before exporting it") from None
+    verified(artifact, fix="rebuild the artifact before exporting it")
     engine = json.loads((artifact / "engine.json").read_text())
     if engine.get("task", "generate") != "generate":
         raise KilnError(f"{artifact.name} is not a text generator", "export decoder artifacts to Triton")

@@ -16,17 +16,14 @@ import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.ir.builder import initializer_bytes
-from compiler.runtime.verify import ArtifactTampered, verify_artifact
+from compiler.runtime.verify import verified
 
 
 def inspect_artifact(path: Path) -> dict:
     """The manifest, a graph (or plan) summary and its text; the artifact is verified first."""
     if not (path / "kiln.json").is_file():
         raise KilnError(f"{path} is not a kiln artifact (no kiln.json)", "pass a directory written by `kiln build`")
-    try:
-        manifest = verify_artifact(path)
-    except ArtifactTampered as e:
-        raise KilnError(f"the artifact fails verification: {e}") from None  # e names the file and the fix
+    manifest = verified(path, "the artifact fails verification: ")  # the refusal names the file and the fix
     engine = json.loads((path / "engine.json").read_text())
     if engine["backend"] == "tensorrt":
         return _inspect_plan(path, manifest, engine)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from compiler.errors import KilnError
 from compiler.fsutil import is_artifact_name, replace_dir
-from compiler.runtime.verify import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered, Listed, listing, sha256, verify_artifact
+from compiler.runtime.hashing import sha256_file
+from compiler.runtime.verify import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered, Listed, listing, verified
 
 _NOT_OURS = "pass an archive written by `kiln package` (rebuild and re-package the artifact if it is older)"
 
@@ -35,10 +36,7 @@ _NOT_OURS = "pass an archive written by `kiln package` (rebuild and re-package t
 def package(artifact: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Returns (archive, SHA256SUMS). The artifact is verified against its kiln.json first."""
     artifact = Path(artifact)
-    try:
-        files = sorted(listing(verify_artifact(artifact), artifact))
-    except ArtifactTampered as e:
-        raise KilnError(str(e)) from None  # its message names the fix
+    files = sorted(listing(verified(artifact), artifact))
     if not is_artifact_name(artifact.name):
         raise KilnError(f"{artifact}: {artifact.name!r} is not a valid artifact name (it names the archive's directory)",
                         "rename the directory to lowercase letters, digits, '.', '_' and '-'")
@@ -55,7 +53,7 @@ def package(artifact: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
                     tar.addfile(_entry(f"{artifact.name}/{name}", os.fstat(fh.fileno()).st_size), fh)
         tmp.replace(archive)
         sums = out_dir / f"{artifact.name}.SHA256SUMS"
-        lines = [f"{sha256(archive)}  {archive.name}"] + [f"{sha256(artifact / n)}  {artifact.name}/{n}" for n in sorted(members)]
+        lines = [f"{sha256_file(archive)}  {archive.name}"] + [f"{sha256_file(artifact / n)}  {artifact.name}/{n}" for n in sorted(members)]
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(sums)
     finally:
@@ -144,10 +142,7 @@ def install(tmp: Path, dest_root: Path, name: object, source: str) -> Path:
     if not is_artifact_name(name):
         raise KilnError(f"{source}: the artifact name {name!r} is not valid (lowercase letters, digits, '.', '_', '-'; "
                         "not '.' or '..')", "pull only artifacts written by `kiln build` / `kiln publish`")
-    try:
-        verify_artifact(tmp)
-    except ArtifactTampered as e:
-        raise KilnError(f"{source} does not verify: {e}") from None
+    verified(tmp, f"{source} does not verify: ")
     dest = Path(dest_root) / name
     if dest.is_symlink() or (dest.exists() and not (dest.is_dir() and (dest / MANIFEST).is_file())):
         raise KilnError(f"{dest} exists and is not a kiln artifact: pulling {name} would replace it",

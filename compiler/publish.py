@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import inspect
 import io
 import json
@@ -42,7 +41,8 @@ from urllib.parse import urlsplit
 
 from compiler.errors import KilnError
 from compiler.fsutil import is_file_name
-from compiler.runtime.verify import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered, listing, verify_artifact
+from compiler.runtime.hashing import sha256_chunks
+from compiler.runtime.verify import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered, listing, verified
 
 CONFIG_TYPE = "application/vnd.kiln.artifact.config.v1+json"
 MEDIA = {"engine": "application/vnd.kiln.engine.v1", "tokenizer": "application/vnd.kiln.tokenizer.v1",
@@ -205,10 +205,7 @@ def _cwd(path: Path) -> Iterator[None]:
 
 def publish(artifact: Path, ref: str) -> dict:
     artifact = Path(artifact)
-    try:
-        manifest = verify_artifact(artifact)
-    except ArtifactTampered as e:
-        raise KilnError(str(e)) from None  # its message names the fix
+    manifest = verified(artifact)  # a refusal names the fix
     if is_directory_ref(ref):
         from compiler.package import package
 
@@ -307,24 +304,28 @@ def _blob(client, container, layer: dict, out: BinaryIO, target: str) -> BinaryI
     with client.get_blob(container, layer["digest"], stream=True) as r:
         if r.status_code != 200:
             raise KilnError(f"registry {container.registry} has no blob for {title} (HTTP {r.status_code})", "re-publish the artifact")
-        digest = hashlib.sha256()
-        _read(r, out, layer["size"], title, digest)
-    if out.tell() != layer["size"] or f"sha256:{digest.hexdigest()}" != layer["digest"]:
+        digest = sha256_chunks(_copied(r, out, layer["size"], title))
+    if out.tell() != layer["size"] or f"sha256:{digest}" != layer["digest"]:
         raise KilnError(f"the blob for {title} is not the one its manifest names (size or digest)", "re-publish the artifact")
     return out
 
 
-def _read(r, out: BinaryIO, cap: int, what: str, digest=None) -> BinaryIO:
+def _read(r, out: BinaryIO, cap: int, what: str) -> BinaryIO:
     """Copy a streamed response into out, refusing more than cap bytes."""
+    for _ in _copied(r, out, cap, what):
+        pass
+    return out
+
+
+def _copied(r, out: BinaryIO, cap: int, what: str) -> Iterator[bytes]:
+    """A streamed response's chunks, each written to out as it passes; refuses more than cap bytes."""
     n = 0
     for chunk in r.iter_content(1 << 20):
         n += len(chunk)
         if n > cap:
             raise KilnError(f"{what} is over the {cap} bytes it may have", "re-publish the artifact")
         out.write(chunk)
-        if digest is not None:
-            digest.update(chunk)
-    return out
+        yield chunk
 
 
 def _json(raw: bytes, bad: str) -> dict:

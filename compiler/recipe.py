@@ -10,20 +10,17 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from compiler.backends.tensorrt.options import TensorRTOptions
+from compiler.config_base import StrictModel
 from compiler.errors import KilnError
 from compiler.passes.quant import QuantConfig
 
 SCHEMA_VERSION = 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class OnnxRuntimeOptions(_Strict):
+class OnnxRuntimeOptions(StrictModel):
     # "contrib": legalise to ONNX Runtime's fused CPU kernels; "standard": keep the standard-op graph
     graph: Literal["contrib", "standard"] = "contrib"
     intra_op_threads: int = Field(0, ge=0, description="0 = physical cores of the machine that loads the engine")
@@ -41,7 +38,7 @@ class OnnxRuntimeOptions(_Strict):
         return self
 
 
-class ParallelOptions(_Strict):
+class ParallelOptions(StrictModel):
     """tp x pp ranks (rank = stage * tp + tp_rank). stages: explicit [first, end) layer ranges,
     one per pipeline stage; default an even split."""
 
@@ -54,7 +51,7 @@ class ParallelOptions(_Strict):
         return self.tp * self.pp
 
 
-class QualityLimits(_Strict):
+class QualityLimits(StrictModel):
     """Build-time quality gate of a quantised engine against the fp32 engine of the same source."""
 
     window: int = Field(2048, ge=16, description="evaluation tokens (stdlib text unless text is set)")
@@ -65,7 +62,7 @@ class QualityLimits(_Strict):
                                          "runs it later); for models too large to evaluate where they are built")
 
 
-class SpeculativeOptions(_Strict):
+class SpeculativeOptions(StrictModel):
     """Speculative decoding that `kiln run`, `kiln serve` and generate() use by default with this
     engine (runtime/speculative.py); their own flags override it."""
 
@@ -85,7 +82,7 @@ class SpeculativeOptions(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     schema_version: Literal[1] = Field(alias="schema")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     source: str
@@ -149,7 +146,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -159,3 +156,36 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
         elif err["type"] == "missing":
             reason = "required field is missing"
         raise KilnError(f"{where}: field '{field}': {reason}", f"fix '{field}' (schema version {SCHEMA_VERSION})") from None
+    _check_calibration_apart(recipe, where)
+    return recipe
+
+
+def _same_text(calibration_source: str, quality_text: str | None) -> bool:
+    """Whether calibration and the quality gate read the same text ('stdlib' and no quality.text
+    are both the pydoc topics; two paths, the same file or the same bytes)."""
+    if calibration_source == "stdlib" or quality_text is None:
+        return calibration_source == "stdlib" and quality_text is None
+    a, b = Path(calibration_source).expanduser(), Path(quality_text).expanduser()
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False  # a missing file is refused by name where it is read
+
+
+def _check_calibration_apart(recipe: Recipe, where: str) -> None:
+    """The quality gate scores the first window + 1 tokens of its text; calibration reads its text
+    from token EVAL_TOKENS on. On the same text, a longer window would score the engine on the
+    data its scales were fitted to: refused before any work."""
+    from compiler.passes.quant import needs_calibration
+    from compiler.passes.quant.calibration import EVAL_TOKENS
+
+    q = recipe.quality
+    if recipe.quantization is None or not needs_calibration(recipe.quantization) or not q.gate or recipe.backend != "onnxruntime":
+        return
+    if q.window + 1 > EVAL_TOKENS and _same_text(recipe.quantization.calibration.source, q.text):
+        raise KilnError(f"{where}: quality.window {q.window} overlaps the calibration text (the gate scores its first "
+                        f"{q.window + 1} tokens, calibration reads it from token {EVAL_TOKENS} on)",
+                        f"lower quality.window to {EVAL_TOKENS - 1} or less, or give quality.text and "
+                        "quantization.calibration.source different texts")

@@ -3,7 +3,7 @@ IPluginCreatorV3One per plugin, registered from Python. TensorRT reaches them th
 parser's plugin fallback: a `kiln` node with no importer is built by the creator registered
 under its op type (TensorRT-RTX's Python network API has no add_plugin_v3).
 
-Build time needs only the plugin's shape and type rules (TRT_SHAPES / TRT_DTYPES below); at run
+Build time needs only the plugin's shape and type rules (OUTPUT_DIMS_FROM_INPUT / OUTPUT_DTYPES below); at run
 time `enqueue` wraps TensorRT's device pointers as torch tensors and runs the Triton kernel on
 TensorRT's stream (GPU only).
 
@@ -22,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-# per plugin: output j = (input index whose dims it takes, axes kept or None for all) and its dtype
-# ("same" as input 0, or a numpy dtype name)
-TRT_SHAPES = {"RmsNormResidual": [(0, None), (0, None)], "Sample": [(0, (0,))], "KvAttention": [(0, None)], "RmsNormResidualInt8": [(0, None), (0, None)]}
-TRT_DTYPES = {"RmsNormResidual": ["same", "same"], "RmsNormResidualInt8": ["int8", "same"], "Sample": ["int64"]}
+# per plugin op, per output: (the input whose dims it takes, the axes kept or None for all)
+OUTPUT_DIMS_FROM_INPUT = {"RmsNormResidual": [(0, None), (0, None)], "Sample": [(0, (0,))], "KvAttention": [(0, None)], "RmsNormResidualInt8": [(0, None), (0, None)]}
+# per plugin op, per output: "same" as input 0, or a TensorRT DataType name (default: all "same")
+OUTPUT_DTYPES = {"RmsNormResidual": ["same", "same"], "RmsNormResidualInt8": ["int8", "same"], "Sample": ["int64"]}
 
 
 def _plugin_class(trt, plugin):
-    shapes = TRT_SHAPES[plugin.op_type]
-    dtypes = TRT_DTYPES.get(plugin.op_type, ["same"] * len(plugin.outputs))
+    shapes = OUTPUT_DIMS_FROM_INPUT[plugin.op_type]
+    dtypes = OUTPUT_DTYPES.get(plugin.op_type, ["same"] * len(plugin.outputs))
 
     class KilnPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, attrs: dict | None = None):

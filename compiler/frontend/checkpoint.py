@@ -9,7 +9,6 @@ copy read on demand, so peak memory stays near the largest single tensor.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from compiler.errors import KilnError
 from compiler.frontend.safetensors_file import SafetensorsFile, TensorInfo
+from compiler.runtime.hashing import file_chunks, sha256_chunks
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -86,14 +86,14 @@ class Checkpoint:
 
     def digest(self) -> str:
         """sha256 over config, weights and tokenizer files (streamed, 8 MiB at a time)."""
-        h = hashlib.sha256()
         paths = [self.root / "config.json", *(f.path for f in self.files), *self.tokenizer_files()]
-        for p in sorted(set(paths)):
-            h.update(p.name.encode() + b"\0")
-            with open(p, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
-        return "sha256:" + h.hexdigest()
+
+        def named_contents():  # each file's name, a NUL, then its bytes
+            for p in sorted(set(paths)):
+                yield p.name.encode() + b"\0"
+                yield from file_chunks(p)
+
+        return "sha256:" + sha256_chunks(named_contents())
 
 
 def _weight_files(root: Path) -> list[Path]:

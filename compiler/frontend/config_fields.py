@@ -92,6 +92,13 @@ def number(cfg: dict, key: str, where: str, default=_MISSING) -> float:
     return float(value)
 
 
+def refuse_sliding_window(cfg: dict, where: str) -> None:
+    """Qwen-family configs declare `use_sliding_window`; kiln does not implement its per-layer rule
+    (`max_window_layers`), so a config that turns it on is refused rather than built with full attention."""
+    if cfg.get("use_sliding_window"):
+        raise KilnError(f"{where}: use_sliding_window=true is not supported", "set use_sliding_window to false")
+
+
 def flag(cfg: dict, key: str, where: str, default: bool) -> bool:
     """A JSON boolean (null or absent: default); "false" as a string is refused, not truthy."""
     value = cfg.get(key)

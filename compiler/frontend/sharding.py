@@ -1,7 +1,8 @@
 """Parallelism as data: the ShardSpecs an architecture declares, and the layout rules.
 
-A ShardSpec names a projection by its graph scope under `/layers.{i}/` (the same key as the
-checkpoint-name map) and how tensor parallelism splits it:
+A ShardSpec names a projection by its role in its layer (the `kiln.role` the builder tags it
+with, compiler/ir/meta.py: the checkpoint-name key with dots, "attn.q_proj") and how tensor
+parallelism splits it:
   column  the output features are split: each rank computes whole heads (q/k/v) or a slice of
           the intermediate (gate/up); a fused checkpoint projection followed by a Split
           (Phi-3's qkv_proj, gate_up_proj) is split part by part, so each rank keeps its share
@@ -24,7 +25,7 @@ from compiler.errors import KilnError
 
 @dataclass(frozen=True)
 class ShardSpec:
-    scope: str  # projection scope under /layers.{i}/, e.g. "attn/q_proj"
+    role: str  # the projection's role in its layer, e.g. "attn.q_proj"
     kind: Literal["column", "row"]
 
 

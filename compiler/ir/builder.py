@@ -1,8 +1,10 @@
 """GraphBuilder: writes onnx_ir graphs with hierarchical node names and lazy weights.
 
 Every node is named after the scope it was built in, e.g. `/layers.3/attn/q_proj/MatMul`, so
-any node traces back to the checkpoint weight it came from. Weights enter as `ir.LazyTensor`s
-that read the checkpoint only when the model is saved, one tensor at a time.
+any node traces back to the checkpoint weight it came from. The same scopes tag each node with
+its layer index and role (`kiln.layer`, `kiln.role`, see compiler/ir/meta.py): passes read those,
+never the names. Weights enter as `ir.LazyTensor`s that read the checkpoint only when the model
+is saved, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
+
+from compiler.ir import meta
 
 OPSET = 24
 
@@ -35,11 +39,13 @@ def initializer_bytes(graph: ir.Graph) -> int:
 
 
 class GraphBuilder:
-    """Appends nodes to one graph; `scope()` nests the hierarchical name prefix."""
+    """Appends nodes to one graph; `scope()` nests the hierarchical name prefix, `layer(i)` opens
+    layer i's scope."""
 
     def __init__(self, name: str):
         self.graph = ir.Graph([], [], nodes=[], name=name, opset_imports={"": OPSET})
         self._scope: list[str] = []
+        self._layer: tuple[int, int] | None = None  # (layer index, depth of its scope)
         self._used: Counter[str] = Counter()
 
     # -- naming -------------------------------------------------------------------------
@@ -50,6 +56,21 @@ class GraphBuilder:
             yield
         finally:
             self._scope.pop()
+
+    @contextlib.contextmanager
+    def layer(self, i: int) -> Iterator[None]:
+        """Scope `layers.{i}`; its nodes are tagged with layer i and a role relative to it."""
+        outer = self._layer
+        self._layer = (i, len(self._scope) + 1)
+        try:
+            with self.scope(f"layers.{i}"):
+                yield
+        finally:
+            self._layer = outer
+
+    def _tag(self, node: ir.Node) -> None:
+        layer, depth = self._layer if self._layer is not None else (None, 0)
+        meta.tag(node, layer, ".".join(self._scope[depth:]) or None)
 
     def _name(self, leaf: str) -> str:
         name = "/" + "/".join([*self._scope, leaf])
@@ -89,6 +110,7 @@ class GraphBuilder:
         name = self._name(leaf or op_type)
         node = ir.Node(domain, op_type, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
                        num_outputs=num_outputs, name=name)
+        self._tag(node)
         for i, out in enumerate(node.outputs):
             out.name = f"{name}_output_{i}"
         self.graph.append(node)

@@ -1,8 +1,11 @@
 """Dead-code and constant cleanup.
 
-`dce` removes nodes whose outputs nobody reads and initializers nobody uses. `dedupe_constants`
-merges small in-memory constants of equal value (the builders emit one shape constant per use);
-lazy checkpoint weights are never read here.
+`dce` is onnx_ir's RemoveUnusedNodesPass under its recipe name. `dedupe_constants` merges small
+in-memory constants of equal value (the builders emit one shape constant per use). It is ours, not
+onnx_ir's DeduplicateInitializersPass, for one reason: that pass also reads and merges small lazy
+checkpoint weights, and two layers' equal norm weights (all ones in many checkpoints) would become
+one initializer, so a smoothing fold into one layer's norm would change the other's. Lazy weights
+are never read or merged here.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compiler.passes.base import PassResult
+from compiler.passes.base import Pass, PassResult
 
 _SMALL = 4096  # elements
 
 
-class DeadCodeElimination:
+class DeadCodeElimination(Pass):
+    """Remove nodes nobody reads and initializers nobody uses."""
+
     name = "dce"
 
     def run(self, model: ir.Model) -> PassResult:
@@ -25,7 +30,9 @@ class DeadCodeElimination:
         return PassResult(model, after != before)
 
 
-class DedupeConstants:
+class DedupeConstants(Pass):
+    """Merge small in-memory constants of equal value (never lazy checkpoint weights)."""
+
     name = "dedupe_constants"
 
     def run(self, model: ir.Model) -> PassResult:

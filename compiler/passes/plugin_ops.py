@@ -5,24 +5,34 @@ decompositions, with a warning in the build log and a record in kiln.json.
 Binding today: ONNX Runtime's CPU provider has no `kiln` kernels, and TensorRT-RTX's Python
 network API cannot add IPluginV3 layers (plugins reach TensorRT through its ONNX parser, see
 plugins/tensorrt.py), so both run the decomposition: the plugin machinery is exercised end to
-end, and a backend that gains a binding changes one entry of BINDINGS.
+end, and a backend that gains a binding changes one entry of PLUGIN_BINDINGS.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
 from compiler.errors import KilnError
+from compiler.passes.base import Pass, PassResult
 
 log = logging.getLogger("kiln.plugins")
 
-# backend -> why it cannot bind plugin ops (None: it binds them)
-BINDINGS = {
-    "onnxruntime": "ONNX Runtime's CPU provider has no kernels for the kiln domain",
-    "tensorrt": "TensorRT-RTX's network API has no add_plugin_v3 (plugins bind through the ONNX parser only)",
+
+@dataclass(frozen=True)
+class PluginBinding:
+    """Whether a backend runs plugin ops as their kernels (binds) or as their decompositions, and why."""
+
+    binds: bool
+    why: str
+
+
+PLUGIN_BINDINGS: dict[str, PluginBinding] = {
+    "onnxruntime": PluginBinding(False, "ONNX Runtime's CPU provider has no kernels for the kiln domain"),
+    "tensorrt": PluginBinding(False, "TensorRT-RTX's network API has no add_plugin_v3 (plugins bind through the ONNX parser only)"),
 }
 
 
@@ -58,8 +68,26 @@ def bind(model: ir.Model, backend: str) -> tuple[ir.Model, list[dict]]:
     if not ops:
         return model, []
     counts = Counter(n.op_type for n in model.graph if n.domain == "kiln" and n.op_type in ops)
-    why = BINDINGS.get(backend, f"{backend} binds no plugins")
-    records = [{"op": f"kiln::{op}", "nodes": k, "bound": "decomposition", "why": why} for op, k in sorted(counts.items())]
+    binding = PLUGIN_BINDINGS.get(backend, PluginBinding(False, f"{backend} binds no plugins"))
+    bound = "kernel" if binding.binds else "decomposition"
+    records = [{"op": f"kiln::{op}", "nodes": k, "bound": bound, "why": binding.why} for op, k in sorted(counts.items())]
+    if binding.binds:
+        return model, records
     for r in records:
-        log.warning("plugin %s: %d nodes fall back to the decomposition (%s)", r["op"], r["nodes"], why)
+        log.warning("plugin %s: %d nodes fall back to the decomposition (%s)", r["op"], r["nodes"], binding.why)
     return decompose(model, ops), records
+
+
+class BindPlugins(Pass):
+    """Bind the plugin ops the backend can run; the rest become their decompositions."""
+
+    name = "bind_plugins"
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.records: list[dict] = []  # kiln.json `plugins`: one per plugin op type
+
+    def run(self, model: ir.Model) -> PassResult:
+        model, self.records = bind(model, self.backend)
+        notes = [f"{r['op']}: {r['nodes']} nodes as its {r['bound']} ({r['why']})" for r in self.records]
+        return PassResult(model, bool(self.records), notes)

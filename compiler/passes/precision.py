@@ -13,12 +13,14 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from compiler.passes.base import PassResult
+from compiler.passes.base import Pass, PassResult
 
 _NUMPY = {ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
 
 
-class ToHalf:
+class ToHalf(Pass):
+    """Make every float tensor fp16 or bf16 (norms and softmax accumulate in fp32, logits stay fp32)."""
+
     def __init__(self, dtype: ir.DataType):
         self.dtype = dtype
         self.name = f"to_{dtype.name.lower()}"

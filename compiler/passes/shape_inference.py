@@ -8,10 +8,12 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from compiler.passes.base import PassResult
+from compiler.passes.base import Pass, PassResult
 
 
-class ShapeInference:
+class ShapeInference(Pass):
+    """Infer every value's type and shape with ONNX's inference (weights stay out of it)."""
+
     name = "shape_inference"
 
     def run(self, model: ir.Model) -> PassResult:

@@ -151,6 +151,10 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def generated(self) -> dict[int, int]:
+        """Tokens generated so far by each running request (what a replay times them by)."""
+        return {r.id: len(r.gen.token_ids) for r in self.running}
+
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         outs: list[StepOutput] = []

@@ -74,7 +74,7 @@ class DistributedSession:
         self.tp_group = groups[self.me.stage]
         self.last_stage_root = (spec.pp - 1) * spec.tp
         local = int(os.environ.get("LOCAL_WORLD_SIZE", spec.world_size))
-        so = session_options(cfg, threads, config_entries, cores=max(1, physical_cores() // local))  # cores shared by the ranks
+        so = session_options(cfg.session, threads, config_entries, cores=max(1, physical_cores() // local))  # cores shared by the ranks
         self.threads = so.intra_op_num_threads
         self.sessions = {s["part"]: ort.InferenceSession(str(engine_dir / s["part"]), so, providers=["CPUExecutionProvider"])
                          for s in self.me.steps if "part" in s}

@@ -9,12 +9,12 @@ to the tokens the target kept; entries past that are never read and get overwrit
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from compiler.runtime.config import EngineConfig
+from compiler.runtime.hashing import sha256_file
 from compiler.runtime.rows import RowPool
 from compiler.runtime.verify import verify_artifact
 
@@ -22,7 +22,7 @@ PREFILL_CHUNK = 512  # prompt tokens the draft reads per call
 
 
 def _tokenizer_digest(path: Path) -> str:
-    return hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+    return sha256_file(path / "tokenizer.json")
 
 
 class DraftProposer:

@@ -15,18 +15,16 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler.runtime.config import EngineConfig
-from compiler.runtime.session import physical_cores
+from compiler.runtime.session import session_options
 from compiler.runtime.text import Text
 
 
 class Encoder:
-    def __init__(self, path: Path, config: EngineConfig, threads: int | None = None):
+    def __init__(self, path: Path, config: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.path, self.config = Path(path), config
         self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
         self.text = Text(self.path)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or config.session.intra_op_threads or physical_cores()
-        so.log_severity_level = 3
+        so = session_options(config.session, threads, config_entries)
         self.session = ort.InferenceSession(str(self.path / config.model_file), so, providers=[config.session.execution_provider])
 
     def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:

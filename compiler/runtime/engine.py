@@ -120,7 +120,7 @@ def load(path: str | Path, threads: int | None = None, config_entries: dict | No
         if config.task == "embed":
             from compiler.runtime.encoder import Encoder
 
-            return Encoder(path, config, threads)
+            return Encoder(path, config, threads, config_entries)
         return Engine(path, threads, config_entries)
     except _ort_errors() as e:  # a model file that does not match engine.json, or is not an ONNX model
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

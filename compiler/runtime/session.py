@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compiler.runtime.config import EngineConfig
+from compiler.runtime.config import EngineConfig, SessionConfig
 from compiler.runtime.kv_memory import PagedArray
 
 
@@ -64,16 +64,17 @@ def require_provider(name: str) -> None:
                                   f"{', '.join(available)}")
 
 
-def session_options(cfg: EngineConfig, threads: int | None, config_entries: dict | None,
+def session_options(cfg: SessionConfig, threads: int | None = None, config_entries: dict | None = None,
                     cores: int | None = None) -> ort.SessionOptions:
-    """The engine's session options; intra-op threads: the caller's, else the engine's, else the
-    cores this process may use (default: the machine's physical cores)."""
+    """ONNX Runtime session options for cfg (an engine's `session`, or the build's own); intra-op
+    threads: the caller's, else cfg's, else the cores this process may use (default: the machine's
+    physical cores). config_entries are added after cfg's, overriding them."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or cfg.session.intra_op_threads or cores or physical_cores()
-    so.inter_op_num_threads = cfg.session.inter_op_threads
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg.session.graph_optimization_level)
+    so.intra_op_num_threads = threads or cfg.intra_op_threads or cores or physical_cores()
+    so.inter_op_num_threads = cfg.inter_op_threads
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg.graph_optimization_level)
     so.log_severity_level = 3
-    for key, value in {**cfg.session.config_entries, **(config_entries or {})}.items():
+    for key, value in {**cfg.config_entries, **(config_entries or {})}.items():
         so.add_session_config_entry(key, value)
     return so
 
@@ -81,7 +82,7 @@ def session_options(cfg: EngineConfig, threads: int | None, config_entries: dict
 class DecoderSession:
     def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.cfg = cfg
-        so = session_options(cfg, threads, config_entries)
+        so = session_options(cfg.session, threads, config_entries)
         require_provider(cfg.session.execution_provider)
         self.threads = so.intra_op_num_threads
         provider = (cfg.session.execution_provider, dict(cfg.session.provider_options))

@@ -12,12 +12,14 @@ refused too: `kiln build` rebuilds it (its up-to-date check fails).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import stat
 from pathlib import Path
 from typing import Iterable, NamedTuple
+
+from compiler.errors import KilnError
+from compiler.runtime.hashing import sha256_file
 
 
 MANIFEST = "kiln.json"
@@ -43,19 +45,11 @@ def is_file_name(name: object) -> bool:
     return isinstance(name, str) and len(name) <= 255 and _FILE_NAME.fullmatch(name) is not None and ".." not in name
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def record(manifest: dict, paths: Iterable[Path]) -> dict:
     """Add each file's sha256 and size to manifest["files"] / manifest["sizes"] (how kiln build lists them)."""
     files, sizes = manifest.setdefault("files", {}), manifest.setdefault("sizes", {})
     for p in paths:
-        files[p.name], sizes[p.name] = sha256(p), p.stat().st_size
+        files[p.name], sizes[p.name] = sha256_file(p), p.stat().st_size
     return manifest
 
 
@@ -114,11 +108,20 @@ def verify_artifact(path: Path) -> dict:
             raise ArtifactTampered(f"{path}: {name} does not match its sha256 in kiln.json: it is {st.st_size} bytes, "
                                    f"not {size} (tampered or truncated); re-pull or rebuild the artifact")
     for name, (digest, _) in sorted(files.items()):
-        if sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise ArtifactTampered(f"{path}: {name} does not match its sha256 in kiln.json (tampered or corrupt); "
                                    "re-pull or rebuild the artifact")
     return manifest
 
 
+def verified(path: Path, prefix: str = "", fix: str | None = None) -> dict:
+    """verify_artifact for kiln's commands: a refusal becomes a KilnError whose message is prefix and
+    the refusal's own (it names the file and the fix), with fix appended when given."""
+    try:
+        return verify_artifact(path)
+    except ArtifactTampered as e:
+        raise KilnError(f"{prefix}{e}", fix) from None
+
+
 __all__ = ["ArtifactTampered", "Listed", "MANIFEST", "MAX_MANIFEST_BYTES", "listing", "read_manifest", "record",
-           "sha256", "verify_artifact"]
+           "verified", "verify_artifact"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from compiler.passes.base import PassResult
+from compiler.passes.base import Pass, PassResult
 from plugins.spec import DOMAIN
 
 INPUTS = (("temperature", ir.DataType.FLOAT), ("top_k", ir.DataType.INT64), ("top_p", ir.DataType.FLOAT),
@@ -31,7 +31,9 @@ def check(graph: ir.Graph) -> str | None:
     return None
 
 
-class FuseSample:
+class FuseSample(Pass):
+    """Rewrite the sample plugin's pattern into its kiln op (the plugin template's example)."""
+
     name = "fuse_sample"
 
     def run(self, model: ir.Model) -> PassResult:

@@ -126,18 +126,11 @@ def test_checkpoint_is_read_one_layer_at_a_time(tiny_checkpoints, monkeypatch):
     assert events[0] == "model.embed_tokens.weight" and events[-1] == "session"  # epilogue: no lm_head weight needed
 
 
-def test_calibration_tokens_are_deterministic_and_after_the_eval_window(tiny_checkpoints, tmp_path):
-    from tokenizers import Tokenizer
-
+def test_calibration_tokens_are_deterministic_and_refuse_bad_texts(tiny_checkpoints, tmp_path):
     tok_path = tiny_checkpoints["llama"] / "tokenizer.json"
     a, b = calibration_tokens(tok_path, CFG), calibration_tokens(tok_path, CFG)
     assert a.shape == (CFG.samples, CFG.seq_len) and a.dtype == np.int64
     assert np.array_equal(a, b)
-    from pydoc_data.topics import topics
-
-    ids = Tokenizer.from_file(str(tok_path)).encode("\n\n".join(topics[k] for k in sorted(topics))).ids
-    assert EVAL_TOKENS == 2049
-    assert np.array_equal(a.ravel(), ids[EVAL_TOKENS:EVAL_TOKENS + a.size])  # starts right after the eval window
 
     short = tmp_path / "short.txt"
     short.write_text("A short text. " * 50, encoding="utf-8")
@@ -145,6 +138,62 @@ def test_calibration_tokens_are_deterministic_and_after_the_eval_window(tiny_che
         calibration_tokens(tok_path, CalibrationConfig(source=str(short), samples=3, seq_len=64))
     with pytest.raises(KilnError, match="does not exist"):
         calibration_tokens(tok_path, CalibrationConfig(source=str(tmp_path / "missing.txt")))
+
+
+def test_calibration_windows_are_disjoint_from_the_evaluation_window(tiny_checkpoints):
+    """Where the calibration samples lie in the text's tokens, encoded as `kiln eval` and the
+    quality gate encode it: after every position the default evaluation windows score."""
+    import inspect
+
+    from compiler.evaluate import default_text, evaluate
+    from compiler.recipe import QualityLimits
+    from compiler.runtime.text import Text
+
+    src = tiny_checkpoints["llama"]
+    ids = np.asarray(Text(src).encode(default_text()), dtype=np.int64)  # evaluate(): ids[:window + 1]
+    cfg = CalibrationConfig(samples=4, seq_len=64)
+    cal = calibration_tokens(src / "tokenizer.json", cfg)
+    flat, n = cal.ravel(), cal.size
+    starts = [int(k) for k in np.flatnonzero(ids[: len(ids) - n + 1] == flat[0]) if np.array_equal(ids[k:k + n], flat)]
+    assert len(starts) == 1, "the calibration samples are not one consecutive run of the text's tokens"
+    for window in (QualityLimits().window, inspect.signature(evaluate).parameters["window"].default):
+        scored = window + 1  # inputs ids[:window], targets ids[1:window + 1]
+        assert starts[0] >= scored, f"calibration starts at token {starts[0]}, inside the {window}-token evaluation window"
+
+
+@pytest.mark.parametrize("quality,calibration", [
+    ({"window": 2049}, {}),  # the default texts: both read the pydoc topics
+    ({"window": 4096, "text": "SAME"}, {"source": "SAME"}),  # one file for both
+])
+def test_a_recipe_whose_quality_window_overlaps_calibration_is_refused(tmp_path, capsys, quality, calibration):
+    import yaml
+
+    from compiler.cli import main
+    from compiler.recipe import parse_recipe
+
+    text = tmp_path / "text.txt"
+    text.write_text("prose " * 10_000, encoding="utf-8")
+    quality = {k: str(text) if v == "SAME" else v for k, v in quality.items()}
+    calibration = {k: str(text) if v == "SAME" else v for k, v in calibration.items()}
+    data = {"schema": 1, "name": "q", "source": str(tmp_path / "ckpt"), "max_seq": 8192, "quality": quality,
+            "quantization": {"scheme": "int4-awq", "calibration": {**calibration, "samples": 2, "seq_len": 64}}}
+    with pytest.raises(KilnError, match=rf"quality.window {quality['window']} overlaps the calibration text.*"
+                                        rf"lower quality.window to {EVAL_TOKENS - 1} or less"):
+        parse_recipe(data)
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["build", str(path), "--out", str(tmp_path / "artifacts")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "overlaps the calibration text" in err
+    assert not (tmp_path / "artifacts").exists()  # refused before any work
+
+    # what is not refused: the window just below, a different text, no gate, a scheme without calibration
+    parse_recipe({**data, "quality": {**quality, "window": EVAL_TOKENS - 1}})
+    other = tmp_path / "other.txt"
+    other.write_text("other prose " * 10_000, encoding="utf-8")
+    parse_recipe({**data, "quality": {**quality, "text": str(other)}})
+    parse_recipe({**data, "quality": {**quality, "gate": False}})
+    parse_recipe({**data, "quantization": {"scheme": "int4-rtn"}})
 
 
 def test_refuses_a_graph_shorter_than_the_samples(tiny_checkpoints):

@@ -29,7 +29,7 @@ def _nodes(model, op):
 
 def test_fused_qkv_is_split_part_by_part(tiny_checkpoints):
     """Phi-3's qkv_proj [H, (4 + 2 + 2) * 16]: rank 1 keeps q heads 2-3, k head 1 and v head 1."""
-    model, cfg, ckpt = _graph(tiny_checkpoints["phi3"], lambda a, c: [TensorParallel(a.SHARDS, 2, 1)])
+    model, cfg, ckpt = _graph(tiny_checkpoints["phi3"], lambda a, c: [TensorParallel(a.shards, 2, 1)])
     mm = next(n for n in model.graph if n.name == "/layers.0/attn/qkv_proj/MatMul")
     w = mm.inputs[1].const_value.numpy()
     full = ckpt.read("model.layers.0.self_attn.qkv_proj.weight").T  # [H, 128]
@@ -43,7 +43,7 @@ def test_fused_qkv_is_split_part_by_part(tiny_checkpoints):
 
 
 def test_row_parallel_projections_are_followed_by_an_all_reduce(tiny_checkpoints):
-    model, cfg, _ = _graph(tiny_checkpoints["llama"], lambda a, c: [TensorParallel(a.SHARDS, 2, 0)])
+    model, cfg, _ = _graph(tiny_checkpoints["llama"], lambda a, c: [TensorParallel(a.shards, 2, 0)])
     reduces = [n for n in model.graph if n.domain == "kiln"]
     assert [n.name for n in reduces] == [f"/layers.{i}/{p}/AllReduce" for i in range(cfg.num_layers)
                                          for p in ("attn/o_proj", "mlp/down_proj")]
@@ -65,7 +65,7 @@ def test_pipeline_stage_keeps_its_layers_and_passes_the_hidden_state(tiny_checkp
 
 
 def test_rank_graph_is_cut_at_collectives_and_parts_share_one_weights_file(tiny_checkpoints, tmp_path):
-    model, cfg, _ = _graph(tiny_checkpoints["llama"], lambda a, c: [TensorParallel(a.SHARDS, 2, 0)])
+    model, cfg, _ = _graph(tiny_checkpoints["llama"], lambda a, c: [TensorParallel(a.shards, 2, 0)])
     ort_backend.save(model, tmp_path / "rank0.onnx", "rank0.onnx.data", progress=False)
     steps = write_parts(tmp_path / "rank0.onnx", "rank0")
     assert [("part" if "part" in s else s["collective"]) for s in steps] == ["part", "AllReduce"] * 4 + ["part"]
@@ -86,4 +86,4 @@ def test_shard_sizes_that_do_not_divide_are_refused_by_the_pass(tiny_checkpoints
     from compiler.errors import KilnError
 
     with pytest.raises(KilnError, match=f"not divisible by tp={tp}"):
-        _graph(tiny_checkpoints["llama"], lambda a, c: [TensorParallel(a.SHARDS, tp, 0)])
+        _graph(tiny_checkpoints["llama"], lambda a, c: [TensorParallel(a.shards, tp, 0)])

@@ -55,8 +55,63 @@ def test_dump_ir_writes_the_graph_after_each_pass(tiny_checkpoints, tmp_path):
     assert "/layers.0/attn/qkv_proj/MatMul: MatMul(" in text
 
 
-def test_dedupe_constants_merges_equal_small_constants(tiny_checkpoints):
-    model = graph_of(tiny_checkpoints["llama"])
-    n = len(model.graph.initializers)
-    result = passes.make(["dedupe_constants"])[0].run(model)
-    assert result.changed and len(model.graph.initializers) < n
+def _dedupe_graph():
+    """Three equal int64 constants; one with their bytes as another dtype, one with their bytes in
+    another shape, one with other values; two equal small lazy (checkpoint) weights."""
+    import numpy as np
+    import onnx_ir as ir
+
+    reads: list[str] = []
+
+    def value(name, tensor):
+        return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+
+    def lazy(name):
+        return value(name, ir.LazyTensor(lambda: reads.append(name) or ir.tensor(np.ones(64, np.float32)),
+                                         dtype=ir.DataType.FLOAT, shape=ir.Shape([64]), name=name))
+
+    axes = np.array([1, 2, 3], np.int64)
+    inits = {n: value(n, ir.tensor(a, name=n)) for n, a in [("dup_a", axes), ("dup_b", axes.copy()), ("dup_c", axes.copy()),
+                                                            ("same_bytes_f64", axes.view(np.float64)),
+                                                            ("same_bytes_1x3", axes.reshape(1, 3)),
+                                                            ("other", np.array([4, 5, 6], np.int64))]}
+    inits |= {n: lazy(n) for n in ("norm0", "norm1")}
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2, 3]))
+    h = ir.Value(name="h", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 64]))
+    uses = [("Add", "dup_a"), ("Add", "dup_b"), ("Mul", "dup_c"), ("Add", "other"), ("Add", "same_bytes_1x3")]
+    nodes, prev = [], x
+    for i, (op, name) in enumerate(uses):
+        nodes.append(ir.Node("", op, [prev, inits[name]], name=f"n{i}"))
+        prev = nodes[-1].outputs[0]
+    nodes.append(ir.Node("", "Identity", [inits["same_bytes_f64"]], name="f64"))
+    nodes.append(ir.Node("", "Mul", [h, inits["norm0"]], name="norm0_mul"))
+    nodes.append(ir.Node("", "Mul", [nodes[-1].outputs[0], inits["norm1"]], name="norm1_mul"))
+    outputs = [prev, nodes[-3].outputs[0], nodes[-1].outputs[0]]
+    graph = ir.Graph([x, h], outputs, nodes=nodes, initializers=list(inits.values()), opset_imports={"": 23})
+    return ir.Model(graph, ir_version=10), inits, reads
+
+
+def test_dedupe_constants_merges_exactly_the_duplicates():
+    import numpy as np
+
+    model, before, reads = _dedupe_graph()
+    node = {n.name: n for n in model.graph}
+    pm = passes.PassManager(passes.make(["dedupe_constants"]))
+    pm.run(model)
+    assert pm.records[0].changed
+    g = model.graph
+    kept = [n for n in ("dup_a", "dup_b", "dup_c") if n in g.initializers]
+    assert len(kept) == 1, f"the three equal constants became {kept}"
+    keep = g.initializers[kept[0]]
+    assert keep is before[kept[0]]
+    assert set(g.initializers) == {kept[0], "same_bytes_f64", "same_bytes_1x3", "other", "norm0", "norm1"}
+    assert [node[n].inputs[1] for n in ("n0", "n1", "n2")] == [keep] * 3  # every use rewired to the kept one
+    assert np.array_equal(keep.const_value.numpy(), [1, 2, 3]) and keep.const_value.numpy().dtype == np.int64
+    for name, user, i in [("other", "n3", 1), ("same_bytes_1x3", "n4", 1), ("same_bytes_f64", "f64", 0),
+                          ("norm0", "norm0_mul", 1), ("norm1", "norm1_mul", 1)]:
+        assert g.initializers[name] is before[name] and node[user].inputs[i] is before[name], name
+    assert g.initializers["same_bytes_f64"].const_value.numpy().view(np.int64).tolist() == [1, 2, 3]
+    assert reads == [], "a lazy checkpoint weight was read"
+    pm = passes.PassManager(passes.make(["dedupe_constants"]))
+    pm.run(model)
+    assert not pm.records[0].changed and len(g.initializers) == 6  # nothing left to merge

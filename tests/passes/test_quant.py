@@ -139,7 +139,22 @@ def test_int4_rtn_engine_equals_fp32_engine_of_dequantised_weights(tiny_checkpoi
     np.testing.assert_allclose(engine_logits(load(quant), ids), engine_logits(load(ref), ids), rtol=1e-4, atol=1e-4)
     manifest = json.loads((quant / "kiln.json").read_text())
     assert manifest["quantization"]["scheme"] == "int4-rtn" and manifest["quality"]["tokens"] == 100
-    assert "MatMulNBits" not in manifest["graph"]  # the artifact holds standard QDQ; ORT fuses at load
+    # the artifact holds standard QDQ (ORT fuses it into MatMulNBits at load): every linear but the
+    # embedding reads its weight through DequantizeLinear of a 4-bit initializer, blocked along K
+    import onnx
+
+    model = onnx.load(str(quant / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    ops = {n.op_type for n in model.graph.node}
+    assert "MatMulNBits" not in ops and "MatMul" in ops
+    four_bit = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert dq and all(inits[n.input[0]].data_type == four_bit for n in dq)
+    assert all({a.name: a.i for a in n.attribute}.get("block_size") == 32 for n in dq)
+    assert all((len(n.input) == 3) == (not symmetric) for n in dq)  # a zero point only when asymmetric
+    dq_out = {n.output[0] for n in dq}
+    weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in set(inits) | dq_out]
+    assert weights and all(w in dq_out for w in weights), "a linear kept fp32 weights"
 
 
 @pytest.mark.parametrize("scheme", ["int4-rtn", "int8-wo"])

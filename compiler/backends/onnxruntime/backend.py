@@ -1,19 +1,21 @@
-"""ONNX Runtime backend: writes `model.onnx` + external weights and the engine config.
+"""ONNX Runtime backend: writes `model.onnx` + external weights (or one `rank{r}.onnx` per rank
+with its pieces between collectives) and the engine config.
 
-Weights are streamed to `model.onnx.data` one tensor at a time (each lazy checkpoint read
-happens here), with a progress bar. The standard-op graph is what the parity tests verify;
-`legalise` (see legalise.py) may swap in ONNX Runtime's contrib kernels where measured faster.
+Weights are streamed to the data file one tensor at a time (each lazy checkpoint read happens
+here), with a progress bar. Precision (to_float16) and the contrib legalisation are pipeline
+passes (compiler/pipeline.py) that run before this; the session settings the runtime will use
+(threads, MatMulNBits accuracy level, the CUDA provider's options) are chosen here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 
+from compiler.backends.base import ModelFacts, RankOutput, RankTarget
 from compiler.ir.builder import initializer_bytes
-from compiler.runtime.config import EngineConfig, GenerationDefaults, KVCacheSpec, SessionConfig, TensorSpec
+from compiler.runtime.config import EngineConfig, KVCacheSpec, ParallelSpec, SessionConfig, TensorSpec
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -22,44 +24,88 @@ _NP_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.Da
              ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool"}
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the backend needs to know about the model beyond the graph."""
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    generation: GenerationDefaults
-    task: str = "generate"  # "embed": an encoder, no KV cache
+    def __init__(self, recipe, facts: ModelFacts, num_heads: int = 0, progress: bool = True):
+        self.recipe, self.facts, self.progress = recipe, facts, progress  # num_heads: the graph says it
+
+    @property
+    def flavour(self) -> str:
+        o, p = self.recipe.onnxruntime, self.recipe.parallel
+        flavour = o.precision if o.precision != "float32" else "standard"
+        if o.graph == "contrib":
+            flavour = f"ort-contrib {o.precision}" if o.precision != "float32" else "ort-contrib"
+        return f"{flavour} tp={p.tp} pp={p.pp}" if p.world_size > 1 else flavour
+
+    def check(self, model: ir.Model) -> None:
+        """ONNX Runtime runs any standard or contrib graph kiln emits: nothing to refuse."""
+
+    def emit_rank(self, model: ir.Model, target: RankTarget, out: Path) -> RankOutput:
+        if target.single:
+            save(model, out / MODEL_FILE, DATA_FILE, self.progress)
+            return RankOutput(MODEL_FILE, self._engine_of(model))
+        from compiler.backends.onnxruntime.partition import write_parts
+
+        name = f"rank{target.rank}.onnx"
+        save(model, out / name, f"{name}.data", self.progress)
+        del model
+        return RankOutput(name, None, write_parts(out / name, f"rank{target.rank}"))
+
+    def engine(self, ranks: list[RankOutput], parallel: ParallelSpec | None) -> EngineConfig:
+        if parallel is None:
+            return ranks[0].engine
+        f, r = self.facts, self.recipe
+        return EngineConfig(
+            backend="onnxruntime", model_file=ranks[0].model_file,
+            inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"]), TensorSpec("position_ids", "int64", ["batch", "seq"]),
+                    TensorSpec("logits_positions", "int64", ["batch", "logits"])],
+            outputs=[TensorSpec("logits", "float32", ["batch", "logits", f.vocab_size])],
+            kv_cache=KVCacheSpec(f.num_layers, f.num_kv_heads, f.head_dim, r.max_seq),
+            max_batch=r.max_batch, max_seq=r.max_seq, vocab_size=f.vocab_size, session=self.session(),
+            generation=f.generation, graph_flavour=self.flavour.split(" tp=")[0], parallel=parallel)
+
+    def record(self, engine: EngineConfig) -> dict:
+        import onnxruntime
+
+        return {"name": "onnxruntime", "version": onnxruntime.__version__, "graph": self.flavour}
+
+    def session(self) -> SessionConfig:
+        """The settings the runtime opens the session with (recorded in engine.json)."""
+        o, q = self.recipe.onnxruntime, self.recipe.quantization
+        entries = {"session.qdq_matmulnbits_accuracy_level": str(o.int4_accuracy_level)}
+        if q is not None and q.scheme == "fp8":
+            # ORT 1.31 fuses Q/DQ + MatMul into MatMulIntegerToFloat, which rejects float8: keep QDQ as is
+            entries["session.disable_quant_qdq"] = "1"
+        if o.device == "cuda":
+            return cuda_session_config(o, entries)
+        return SessionConfig(intra_op_threads=o.intra_op_threads, config_entries=entries)
+
+    def _engine_of(self, model: ir.Model) -> EngineConfig:
+        f, r = self.facts, self.recipe
+        return EngineConfig(
+            backend="onnxruntime", model_file=MODEL_FILE,
+            inputs=[_spec(v) for v in model.graph.inputs], outputs=[_spec(v) for v in model.graph.outputs],
+            kv_cache=KVCacheSpec(f.num_layers, f.num_kv_heads, f.head_dim, r.max_seq, dtype=_kv_dtype(model))
+            if f.task == "generate" else None,
+            max_batch=r.max_batch, max_seq=r.max_seq, vocab_size=f.vocab_size, session=self.session(),
+            generation=f.generation, graph_flavour=self.flavour, task=f.task)
+
+
+def cuda_session_config(o, entries: dict) -> SessionConfig:
+    """CUDA EP options chosen by kiln: no cuDNN algorithm search (no convolutions here), an arena
+    that grows by what is asked (the KV cache is allocated once), copies on the compute stream,
+    and CUDA graphs enabled for the decode step (the runtime picks a graph id per batch size)."""
+    options = {"device_id": str(o.device_id), "arena_extend_strategy": "kSameAsRequested",
+               "cudnn_conv_algo_search": "DEFAULT", "do_copy_in_default_stream": "1",
+               "enable_cuda_graph": "1" if o.cuda_graph else "0"}
+    return SessionConfig(execution_provider="CUDAExecutionProvider", intra_op_threads=1, config_entries=entries,
+                         provider_options=options, cuda_graph=o.cuda_graph)
 
 
 def _spec(v: ir.Value) -> TensorSpec:
     dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
     return TensorSpec(v.name, _NP_NAMES.get(v.dtype, str(v.dtype)), dims)
-
-
-def emit(model: ir.Model, facts: ModelFacts, out_dir: Path, *, max_batch: int, max_seq: int,
-         session: SessionConfig, graph_flavour: str, progress: bool = True) -> EngineConfig:
-    """Serialise `model` into out_dir and return its engine config (also written as engine.json)."""
-    save(model, out_dir / MODEL_FILE, DATA_FILE, progress)
-    cfg = EngineConfig(
-        backend="onnxruntime",
-        model_file=MODEL_FILE,
-        inputs=[_spec(v) for v in model.graph.inputs],
-        outputs=[_spec(v) for v in model.graph.outputs],
-        kv_cache=KVCacheSpec(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_seq, dtype=_kv_dtype(model))
-        if facts.task == "generate" else None,
-        max_batch=max_batch,
-        max_seq=max_seq,
-        vocab_size=facts.vocab_size,
-        session=session,
-        generation=facts.generation,
-        graph_flavour=graph_flavour,
-        task=facts.task,
-    )
-    (out_dir / "engine.json").write_text(cfg.to_json())
-    return cfg
 
 
 def _kv_dtype(model: ir.Model) -> str:

@@ -1,44 +1,45 @@
 """Row-major embedding lookup once the tied lm_head no longer shares the table.
 
-Pattern: Transpose(Gather(table [H, V], ids, axis=1), perm=[1, 2, 0]), where the [H, V] table is
-read by nothing else (the lm_head was quantised and reads its own copy).
-Replacement: Gather(table^T [V, H], ids, axis=0): each token reads one contiguous row instead of
-H values a vocabulary apart.
-Check: refuses when the table has other readers (then it is the lm_head's weight too).
+Ours (onnxscript has no such rule): kiln's frontend stores a tied embedding once as the lm_head's
+[H, V] weight and looks tokens up by column; when quantisation gave the lm_head its own copy,
+the lookup can read rows of a transposed table instead.
+  Pattern: Transpose(Gather(table [H, V], ids, axis=1), perm=[1, 2, 0]).
+  Replacement: Gather(table^T [V, H], ids, axis=0), the transposed table made lazily when the
+  model is saved: each token reads one contiguous row instead of H values a vocabulary apart.
+  Check: refuses when the table is not a constant or has other readers (the lm_head's weight).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 
-def match(node: ir.Node) -> ir.Node | None:
-    """The Transpose after a column Gather, when `node` is such a Gather."""
-    if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 1 or node.inputs[0].const_value is None:
-        return None
-    users = list(node.outputs[0].uses())
-    if len(users) == 1 and users[0].node.op_type == "Transpose" and list(users[0].node.attributes.get_ints("perm", [])) == [1, 2, 0]:
-        return users[0].node
-    return None
+class EmbeddingRows(pattern.RewriteRuleClassBase):
+    """Column Gather + Transpose of a [H, V] table -> row Gather of its [V, H] transpose."""
+
+    def __init__(self):
+        super().__init__("EmbeddingRows")
+
+    def pattern(self, op, table, ids):
+        columns = op.Gather(table, ids, axis=1, _outputs=["columns"])
+        return op.Transpose(columns, perm=[1, 2, 0])
+
+    def check(self, context, table, columns, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if table.const_value is None:
+            return result.fail("the table is not a constant")
+        if len(list(table.uses())) != 1:
+            return result.fail("the table is shared with the lm_head")
+        return result
+
+    def rewrite(self, op, table, ids, columns, **_):
+        src = table.const_value
+        rows = ir.LazyTensor(lambda: ir.Tensor(np.ascontiguousarray(src.numpy().T)), dtype=src.dtype,
+                             shape=ir.Shape([src.shape[1], src.shape[0]]), name=f"{table.name}.rows")
+        return op.Gather(op.initializer(rows), ids, axis=0, _name=columns.producer().name)
 
 
-def check(gather: ir.Node) -> str | None:
-    if len(list(gather.inputs[0].uses())) != 1:
-        return "the table is shared with the lm_head"
-    return None
-
-
-def replace(graph: ir.Graph, gather: ir.Node, transpose: ir.Node) -> None:
-    table = gather.inputs[0]
-    src = table.const_value
-    rows = ir.LazyTensor(lambda: ir.Tensor(np.ascontiguousarray(src.numpy().T)), dtype=src.dtype,
-                         shape=ir.Shape([src.shape[1], src.shape[0]]), name=f"{table.name}.rows")
-    value = ir.Value(name=rows.name, type=ir.TensorType(src.dtype), shape=rows.shape, const_value=rows)
-    graph.register_initializer(value)
-    lookup = ir.Node("", "Gather", [value, gather.inputs[1]], attributes=[ir.AttrInt64("axis", 0)], name=gather.name)
-    lookup.outputs[0].name = f"{gather.name}_rows_output_0"
-    lookup.outputs[0].type, lookup.outputs[0].shape = transpose.outputs[0].type, transpose.outputs[0].shape
-    graph.insert_before(gather, lookup)
-    transpose.outputs[0].replace_all_uses_with(lookup.outputs[0])
-    graph.remove([transpose, gather], safe=True)
+def rules() -> list[pattern.RewriteRuleSet]:
+    return [pattern.RewriteRuleSet([EmbeddingRows.rule()])]

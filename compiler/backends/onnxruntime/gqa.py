@@ -1,38 +1,29 @@
 """Static-cache attention -> com.microsoft.GroupQueryAttention (ONNX Runtime's fused CPU kernel).
 
-Pattern (built by compiler/frontend/layers.cached_attention), per layer:
-  q4 = Transpose(Reshape(q))                      q  [B, S, Nq*D] (after rotary)
-  present_k = TensorScatter(past_k, Transpose(Reshape(k)), write_index)
-  present_v = TensorScatter(past_v, Transpose(Reshape(v)), write_index)
-  y = Reshape(Transpose(Attention(q4, present_k, present_v, mask)))      y [B, S, Nq*D]
-Replacement: GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len) with the cache
-buffers shared (the runtime binds past and present to one buffer), which attends only over
-each row's real length instead of the whole static cache.
-Check: refuses when the mask is not the graph's causal (or sliding-window) mask, when the
-cache update is not a TensorScatter on axis 2. A scale other than 1/sqrt(D) (Gemma 3's
-query_pre_attn_scalar) is passed through GQA's `scale` attribute.
+Ours: onnxscript's GQA fusions match the attention of a torch export (MatMul/Softmax or SDPA,
+the cache grown by Concat); kiln's graph keeps a static cache written by TensorScatter and the
+standard Attention op, which no rule of theirs matches.
+  Pattern (built by compiler/frontend/layers.cached_attention), per layer:
+    q4 = Transpose(Reshape(q))                      q  [B, S, Nq*D] (after rotary)
+    present_k = TensorScatter(past_k, Transpose(Reshape(k)), write_index)
+    present_v = TensorScatter(past_v, Transpose(Reshape(v)), write_index)
+    y = Reshape(Transpose(Attention(q4, present_k, present_v, mask)))      y [B, S, Nq*D]
+  Replacement: GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len) with the cache
+  buffers shared (the runtime binds past and present to one buffer), which attends only over
+  each row's real length instead of the whole static cache. When q/k/v are the rotated parts of
+  one merged QKV projection, GQA takes the packed projection and rotates itself.
+  Check: refuses when the mask is not the graph's causal or sliding-window mask, or when the
+  cache update is not a TensorScatter on axis 2. A scale other than 1/sqrt(D) (Gemma 3's
+  query_pre_attn_scalar) is passed through GQA's `scale` attribute.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 _DOMAIN = "com.microsoft"
-
-
-@dataclass
-class Match:
-    attention: ir.Node
-    q: ir.Value
-    k: ir.Value
-    v: ir.Value
-    scatters: tuple[ir.Node, ir.Node]
-    merge: ir.Node  # the Reshape producing y [B, S, Nq*D]
-    window: int
-    packed: tuple[ir.Value, ir.Value, ir.Value] | None = None  # qkv [B, S, (Nq+2Nkv)*D], cos, sin
 
 
 def _packed(q: ir.Value, k: ir.Value, v: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
@@ -48,52 +39,67 @@ def _packed(q: ir.Value, k: ir.Value, v: ir.Value) -> tuple[ir.Value, ir.Value, 
     return split.inputs[0], rq.inputs[1], rq.inputs[2]
 
 
-def _through(value: ir.Value, *ops: str) -> ir.Value | None:
-    """Walk producers back through `ops` (nearest first); the value before them, or None."""
-    for op in ops:
-        node = value.producer()
-        if node is None or node.op_type != op:
-            return None
-        value = node.inputs[0]
-    return value
+CAUSAL = -1  # GroupQueryAttention's local_window_size when every earlier position is attended
 
 
-def match(node: ir.Node) -> Match | None:
-    if node.op_type != "Attention" or len(node.inputs) < 4:
-        return None
-    q4, pk, pv, mask = node.inputs[:4]
-    sk, sv = pk.producer(), pv.producer()
-    if not (sk and sv and sk.op_type == sv.op_type == "TensorScatter"):
-        return None
-    q, k, v = _through(q4, "Transpose", "Reshape"), _through(sk.inputs[1], "Transpose", "Reshape"), _through(sv.inputs[1], "Transpose", "Reshape")
-    users = list(node.outputs[0].uses())
-    if None in (q, k, v) or len(users) != 1 or users[0].node.op_type != "Transpose":
-        return None
-    merge_users = list(users[0].node.outputs[0].uses())
-    if len(merge_users) != 1 or merge_users[0].node.op_type != "Reshape":
-        return None
-    return Match(node, q, k, v, (sk, sv), merge_users[0].node, _window(mask), _packed(q, k, v))
-
-
-def _window(mask: ir.Value) -> int:
-    """-1 for the causal mask; the window size for the sliding-window mask; -2 if unknown."""
+def window_of(mask: ir.Value) -> int | None:
+    """CAUSAL for the graph's causal mask, the window size for its sliding-window mask, None otherwise."""
     node = mask.producer()
     if node is not None and node.op_type == "LessOrEqual":
-        return -1
+        return CAUSAL
     if node is not None and node.op_type == "And":
         inside = node.inputs[1].producer()
         sub = inside.inputs[1].producer() if inside is not None else None
         if sub is not None and sub.op_type == "Sub" and sub.inputs[1].const_value is not None:
             return int(sub.inputs[1].const_value.numpy().reshape(-1)[0])
-    return -2
-
-
-def check(m: Match, head_dim: int) -> str | None:
-    if m.window == -2:
-        return "attention mask is not the causal or sliding-window mask"
-    if any(s.attributes.get_int("axis", -2) not in (2, -2) for s in m.scatters):
-        return "cache update is not on the sequence axis"
     return None
+
+
+class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
+    """Static-cache Attention + TensorScatter cache writes -> GroupQueryAttention."""
+
+    def __init__(self, heads: tuple[int, int], lens: tuple[ir.Value, ir.Value], refused: list[str]):
+        super().__init__("GroupQueryAttention")
+        self.heads, self.lens, self.refused = heads, lens, refused
+
+    def pattern(self, op, q, k, v, past_k, past_v, write_index, mask, q_shape, k_shape, v_shape, y_shape):
+        def heads(x, shape):  # [B, S, N*D] -> [B, N, S, D]
+            return op.Transpose(op.Reshape(x, shape, _allow_other_attributes=True), _allow_other_attributes=True)
+
+        present_k = op.TensorScatter(past_k, heads(k, k_shape), write_index, _allow_other_attributes=True, _outputs=["present_k"])
+        present_v = op.TensorScatter(past_v, heads(v, v_shape), write_index, _allow_other_attributes=True, _outputs=["present_v"])
+        attended = op.Attention(heads(q, q_shape), present_k, present_v, mask, _allow_other_attributes=True, _outputs=["attended"])
+        y = op.Reshape(op.Transpose(attended, _allow_other_attributes=True), y_shape, _allow_other_attributes=True)
+        return y, present_k, present_v
+
+    def check(self, context, mask, present_k, present_v, attended, **_) -> pattern.MatchResult:
+        result, name = pattern.MatchResult(), attended.producer().name
+        why = None
+        if window_of(mask) is None:
+            why = "attention mask is not the causal or sliding-window mask"
+        elif any(v.producer().attributes.get_int("axis", -2) not in (2, -2) for v in (present_k, present_v)):
+            why = "cache update is not on the sequence axis"
+        if why:
+            self.refused.append(f"GroupQueryAttention: {name} refused: {why}")
+            return result.fail(why)
+        return result
+
+    def rewrite(self, op, q, k, v, past_k, past_v, mask, attended, **_):
+        nq, nkv = self.heads
+        attention = attended.producer()
+        packed = _packed(q, k, v)
+        if packed:  # GQA rotates q/k itself at positions 0..S-1 (prefill) or seqlens_k (decode)
+            qkv, cos, sin = packed
+            inputs = [qkv, None, None, past_k, past_v, *self.lens, cos, sin]
+        else:
+            inputs = [q, k, v, past_k, past_v, *self.lens]
+        attrs = {"num_heads": nq, "kv_num_heads": nkv, "local_window_size": window_of(mask), "do_rotary": int(bool(packed))}
+        scale = attention.attributes.get_float("scale", 0.0)
+        if scale:
+            attrs["scale"] = scale
+        name = attention.name.replace("/Attention", "/GroupQueryAttention")
+        y, present_k, present_v = op.GroupQueryAttention(*inputs, **attrs, _domain=_DOMAIN, _outputs=3, _name=name)
+        return y, present_k, present_v
 
 
 def lengths(graph: ir.Graph, position_ids: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -115,29 +121,12 @@ def lengths(graph: ir.Graph, position_ids: ir.Value) -> tuple[ir.Value, ir.Value
     return seqlens.outputs[0], total.outputs[0]
 
 
-def replace(graph: ir.Graph, m: Match, heads: tuple[int, int], lens: tuple[ir.Value, ir.Value]) -> None:
-    nq, nkv = heads
-    past_k, past_v = m.scatters[0].inputs[0], m.scatters[1].inputs[0]
-    name = m.attention.name.rsplit("/", 1)[0] + "/GroupQueryAttention"
-    if m.packed:  # GQA rotates q/k itself at positions 0..S-1 (prefill) or seqlens_k (decode)
-        qkv, cos, sin = m.packed
-        inputs = [qkv, None, None, past_k, past_v, *lens, cos, sin]
-    else:
-        inputs = [m.q, m.k, m.v, past_k, past_v, *lens]
-    attrs = [ir.AttrInt64("num_heads", nq), ir.AttrInt64("kv_num_heads", nkv),
-             ir.AttrInt64("local_window_size", m.window), ir.AttrInt64("do_rotary", int(bool(m.packed)))]
-    scale = m.attention.attributes.get_float("scale", 0.0)
-    if scale:
-        attrs.append(ir.AttrFloat32("scale", scale))
-    gqa = ir.Node(_DOMAIN, "GroupQueryAttention", inputs, attributes=attrs, num_outputs=3, name=name)
-    graph.insert_before(m.attention, gqa)
-    y, present_k, present_v = gqa.outputs
-    y.name = f"{name}_output_0"
-    for new, old in ((y, m.merge.outputs[0]), (present_k, m.scatters[0].outputs[0]), (present_v, m.scatters[1].outputs[0])):
-        new.type, new.shape = old.type, old.shape
-    m.merge.outputs[0].replace_all_uses_with(y)
-    for old, new in ((m.scatters[0].outputs[0], present_k), (m.scatters[1].outputs[0], present_v)):
-        idx = graph.outputs.index(old)
-        new.name, old.name = old.name, old.name + "_replaced"
-        graph.outputs[idx] = new
-        old.replace_all_uses_with(new)
+def rules(graph: ir.Graph, cfg, refused: list[str]) -> list[pattern.RewriteRuleSet]:
+    """The fusion, with the graph's seqlens_k / total_length made once for every layer to share
+    (removed again by dead-code elimination when no layer matched); none for a graph without a
+    KV cache (an encoder)."""
+    positions = next((v for v in graph.inputs if v.name == "position_ids"), None)
+    if positions is None or not any(n.op_type == "TensorScatter" for n in graph):
+        return []
+    lens = lengths(graph, positions)
+    return [pattern.RewriteRuleSet([GroupQueryAttentionFusion.rule((cfg.num_heads, cfg.num_kv_heads), lens, refused)])]

@@ -1,49 +1,50 @@
 """Residual Add + RMSNormalization -> com.microsoft.SkipSimplifiedLayerNormalization.
 
-Pattern: s = Add(a, b); y = RMSNormalization(s, w) on the last axis; s is also read elsewhere
-(the next residual) or is dropped.
-Replacement: SkipSimplifiedLayerNormalization(a, b, w) -> (y, _, _, s): one pass over memory
-instead of three kernels.
-Check: refuses when the norm is not over the last axis, when its scale is not a constant
-vector, or when the Add broadcasts (its inputs differ in shape).
+The fusion is onnxscript's (`ort_fusions.skip_normalization`: Add + SimplifiedLayerNormalization
+-> SkipSimplifiedLayerNormalization, one pass over memory instead of three kernels, the residual
+sum as its 4th output). It matches ONNX Runtime's SimplifiedLayerNormalization, while kiln's graph
+holds the standard RMSNormalization (opset 23); the one rule of ours renames that op to ORT's,
+which computes the same thing:
+  Pattern: y = RMSNormalization(x, w) on the last axis.
+  Replacement: SimplifiedLayerNormalization(x, w) with the same epsilon and stash_type.
+  Check: refuses when the norm is not over the last axis or its scale is not a constant vector.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
-
-_DOMAIN = "com.microsoft"
-
-
-def match(node: ir.Node) -> ir.Node | None:
-    """The residual Add feeding `node`, when node is an RMSNormalization."""
-    if node.op_type != "RMSNormalization":
-        return None
-    add = node.inputs[0].producer()
-    return add if add is not None and add.op_type == "Add" else None
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
 
 
-def check(norm: ir.Node, add: ir.Node) -> str | None:
-    if norm.attributes.get_int("axis", -1) != -1:
-        return "normalisation is not over the last axis"
-    if norm.inputs[1].const_value is None or len(norm.inputs[1].shape) != 1:
-        return "scale is not a constant vector"
-    a, b = add.inputs
-    if a.shape is None or b.shape is None or a.shape != b.shape:
-        return "the residual Add broadcasts or has unknown shapes"
-    return None
+class RmsNormAsSimplified(pattern.RewriteRuleClassBase):
+    """RMSNormalization (ONNX) -> SimplifiedLayerNormalization (ONNX Runtime's, default domain)."""
+
+    def __init__(self, refused: list[str]):
+        super().__init__("RmsNormAsSimplified")
+        self.refused = refused
+
+    def pattern(self, op, x, scale):
+        return op.RMSNormalization(x, scale, _allow_other_attributes=True, _outputs=["normalized"])
+
+    def check(self, context, x, scale, normalized, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        norm = normalized.producer()
+        if norm.attributes.get_int("axis", -1) != -1:
+            self.refused.append(f"SkipSimplifiedLayerNormalization: {norm.name} refused: normalisation is not over the last axis")
+            return result.fail("normalisation is not over the last axis")
+        if scale.const_value is None or scale.shape is None or len(scale.shape) != 1:
+            self.refused.append(f"SkipSimplifiedLayerNormalization: {norm.name} refused: scale is not a constant vector")
+            return result.fail("scale is not a constant vector")
+        return result
+
+    def rewrite(self, op, x, scale, normalized, **_):
+        norm = normalized.producer()
+        return op.SimplifiedLayerNormalization(
+            x, scale, axis=-1, epsilon=norm.attributes.get_float("epsilon", 1e-5),
+            stash_type=norm.attributes.get_int("stash_type", 1), _name=norm.name.replace("RMSNormalization", "SimplifiedLayerNormalization"))
 
 
-def replace(graph: ir.Graph, norm: ir.Node, add: ir.Node) -> None:
-    name = norm.name.rsplit("/", 1)[0] + "/SkipSimplifiedLayerNormalization"
-    eps = norm.attributes.get_float("epsilon", 1e-5)
-    fused = ir.Node(_DOMAIN, "SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], norm.inputs[1]],
-                    attributes=[ir.AttrFloat32("epsilon", eps)], num_outputs=4, name=name)
-    for i, out in enumerate(fused.outputs):
-        out.name = f"{name}_output_{i}"
-    for new, old in ((fused.outputs[0], norm.outputs[0]), (fused.outputs[3], add.outputs[0])):
-        new.type, new.shape = old.type, old.shape
-    graph.insert_before(add, fused)
-    norm.outputs[0].replace_all_uses_with(fused.outputs[0])
-    add.outputs[0].replace_all_uses_with(fused.outputs[3])
-    graph.remove([norm, add], safe=True)
+def rules(refused: list[str]) -> list[pattern.RewriteRuleSet]:
+    """In order: ours (the rename), then onnxscript's skip fusion over what it produced."""
+    return [pattern.RewriteRuleSet([RmsNormAsSimplified.rule(refused)]), skip_rms_normalization_ruleset]

@@ -1,24 +1,27 @@
 """TensorRT backend: IR -> network (network.py and the op tables) -> serialised engine.
 
-Writes `rank0.engine`, `build.log` (the builder's log; VERBOSE with DETAILED layer info when the
-recipe asks) and `engine.json`. With `tensorrt` the timing cache is loaded before and saved after
-each build (TensorRT-RTX has none: it does not time kernels at build time).
+Writes `rank0.engine` and `build.log` (the builder's log; VERBOSE with DETAILED layer info when
+the recipe asks); a tensor-parallel build writes `rank{r}.engine` and `rank{r}.build.log` per
+rank, its all-reduces lowered to IDistCollectiveLayers (run on the NCCL communicator handed to
+the execution context). With `tensorrt` the timing cache is loaded before and saved after each
+build (TensorRT-RTX has none: it does not time kernels at build time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import onnx_ir as ir
 
-from compiler.backends.onnxruntime.backend import ModelFacts
+from compiler.backends.base import ModelFacts, RankOutput, RankTarget
 from compiler.backends.tensorrt import attention, collectives, ops, quant, trt_module
 from compiler.backends.tensorrt.network import Lowering, LoweringError
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.errors import KilnError
 from compiler.memory import return_freed_memory
-from compiler.runtime.config import EngineConfig, KVCacheSpec, TensorRTSpec, TensorSpec
+from compiler.runtime.config import EngineConfig, KVCacheSpec, ParallelSpec, TensorRTSpec, TensorSpec
 
 ENGINE_FILE = "rank0.engine"
 LOG_FILE = "build.log"
@@ -52,6 +55,40 @@ def check_recipe(quant, cfg, targets: list[str]) -> None:
                             f"set quantization.group_size to one of {ok}")
 
 
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, recipe, facts: ModelFacts, num_heads: int, progress: bool = True):
+        self.recipe, self.facts, self.num_heads, self.progress = recipe, facts, num_heads, progress
+
+    @property
+    def flavour(self) -> str:
+        p = self.recipe.parallel
+        base = f"tensorrt-network {self.recipe.tensorrt.precision}"
+        return f"{base} tp={p.tp}" if p.world_size > 1 else base
+
+    def check(self, model: ir.Model) -> None:
+        check(model, self.facts, self.num_heads)
+
+    def emit_rank(self, model: ir.Model, target: RankTarget, out: Path) -> RankOutput:
+        r = self.recipe
+        files = (ENGINE_FILE, LOG_FILE) if target.single else (f"rank{target.rank}.engine", f"rank{target.rank}.build.log")
+        collectives = sum(1 for n in model.graph if n.domain == "kiln")
+        engine = emit(model, self.facts, self.num_heads, out, r.tensorrt, max_batch=r.max_batch, max_seq=r.max_seq,
+                      progress=self.progress, engine_file=files[0], log_file=files[1])
+        steps = [] if target.single else [{"engine": files[0], "collectives": collectives}]
+        return RankOutput(files[0], engine, steps)
+
+    def engine(self, ranks: list[RankOutput], parallel: ParallelSpec | None) -> EngineConfig:
+        first = ranks[0].engine
+        return first if parallel is None else dataclasses.replace(first, model_file=ranks[0].model_file, parallel=parallel)
+
+    def record(self, engine: EngineConfig) -> dict:
+        t = engine.tensorrt
+        return {"name": t.flavour, "version": t.version, "graph": self.flavour, "precision": t.precision,
+                "targets": t.targets, "profiles": t.profiles}
+
+
 def check(model: ir.Model, facts: ModelFacts, num_heads: int) -> None:
     """Rules TensorRT imposes, checked before any build work (one line each, with the fix)."""
     why = attention.check(model.graph, num_heads, facts.num_kv_heads, facts.head_dim)
@@ -66,8 +103,7 @@ def check(model: ir.Model, facts: ModelFacts, num_heads: int) -> None:
 def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts: TensorRTOptions, *,
          max_batch: int, max_seq: int, progress: bool = True, engine_file: str = ENGINE_FILE,
          log_file: str = LOG_FILE) -> EngineConfig:
-    """Build and write `engine_file` (and its build log); returns the engine config, also written
-    as engine.json."""
+    """Build and write `engine_file` (and its build log); returns the engine config."""
     flavour = trt_module.load(opts.module)
     check(model, facts, num_heads)
     trt = flavour.trt
@@ -105,7 +141,6 @@ def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts
         graph_flavour="tensorrt-network",
         tensorrt=TensorRTSpec(flavour.name, flavour.version, opts.precision, list(opts.targets), profiles),
     )
-    (out_dir / "engine.json").write_text(cfg.to_json())
     return cfg
 
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from compiler.config_base import StrictModel
 
 Target = Literal["SM75", "SM80", "SM86", "SM89", "SM120", "SM121"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Profile(_Strict):
+class Profile(StrictModel):
     """One optimisation profile: [min, opt, max] of batch and input length (tokens per step).
     The KV cache length is the recipe's max_seq; max input length defaults to it."""
 
@@ -29,7 +27,7 @@ class Profile(_Strict):
         return self
 
 
-class TensorRTOptions(_Strict):
+class TensorRTOptions(StrictModel):
     module: Literal["auto", "tensorrt_rtx", "tensorrt"] = "auto"
     precision: Literal["float16", "bfloat16"] = "float16"
     targets: list[Target] = Field(["SM80", "SM86", "SM89", "SM120"], min_length=1,

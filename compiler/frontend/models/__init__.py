@@ -1,29 +1,31 @@
-"""The one explicit registry of architectures: `architectures` in config.json -> module.
+"""The one explicit registry of architectures: `architectures` in config.json -> Architecture.
 
-Each module provides `config(hf_config: dict) -> Config` (a frozen dataclass read explicitly
-from config.json) and `build(config, checkpoint, max_seq) -> onnx_ir.Model`. Adding a model is
-adding a file and a line here.
+Each model file defines `ARCHITECTURE`, an `Architecture` (compiler/frontend/models/architecture.py):
+its `config(hf_config: dict)` reads config.json into a frozen dataclass, its `build(config,
+checkpoint, max_seq)` returns the onnx_ir.Model, and its fields say the task, the weights it may
+leave unread and its tensor-parallel shards. Adding a model is adding a file and a line here.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from compiler.errors import KilnError
 from compiler.frontend.models import bert, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe
+from compiler.frontend.models.architecture import Architecture
 
-REGISTRY: dict[str, ModuleType] = {
-    llama.ARCH: llama,
-    mistral.ARCH: mistral,
-    qwen2.ARCH: qwen2,
-    qwen3.ARCH: qwen3,
-    phi3.ARCH: phi3,
-    gemma3.ARCH: gemma3,
-    mixtral.ARCH: mixtral,
-    qwen3_moe.ARCH: qwen3_moe,
-    bert.ARCH: bert,
-    **{alias: bert for alias in bert.ALIASES},
-}
+ARCHITECTURES: tuple[Architecture, ...] = (
+    llama.ARCHITECTURE,
+    mistral.ARCHITECTURE,
+    qwen2.ARCHITECTURE,
+    qwen3.ARCHITECTURE,
+    phi3.ARCHITECTURE,
+    gemma3.ARCHITECTURE,
+    mixtral.ARCHITECTURE,
+    qwen3_moe.ARCHITECTURE,
+    bert.ARCHITECTURE,
+)
+
+# every name config.json may give (an architecture's own and its aliases) -> the Architecture
+REGISTRY: dict[str, Architecture] = {name: a for a in ARCHITECTURES for name in (a.name, *a.aliases)}
 
 
 def arch_name(hf_config: dict) -> str:
@@ -31,7 +33,7 @@ def arch_name(hf_config: dict) -> str:
     return next(a for a in hf_config.get("architectures") or [] if a in REGISTRY)
 
 
-def lookup(hf_config: dict) -> ModuleType:
+def lookup(hf_config: dict) -> Architecture:
     archs = hf_config.get("architectures") or []
     for arch in archs:
         if arch in REGISTRY:

@@ -17,12 +17,11 @@ import onnx_ir as ir
 from compiler.errors import KilnError
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.config_fields import integer, number
+from compiler.frontend.models.architecture import Architecture
 from compiler.frontend.weights import Weights
 from compiler.ir.builder import GraphBuilder
 
 ARCH = "BertModel"
-ALIASES = ("BertForMaskedLM",)
-TASK = "embed"
 # not part of an embedding engine: the pooler, the masked-LM head, position-id buffers
 IGNORED_WEIGHTS = ("pooler.*", "bert.pooler.*", "cls.*", "*position_ids")
 
@@ -164,8 +163,11 @@ def build(c: BertConfig, ckpt: Checkpoint, max_seq: int) -> ir.Model:
         key_mask = b.op("Or", [keys, pads], "key_mask")
     x = _embeddings(b, r, c, ids, types)
     for i in range(c.num_layers):
-        with b.scope(f"layers.{i}"):
+        with b.layer(i):
             x = _layer(b, r, c, i, x, key_mask)
     b.output(x, "last_hidden_state")
     b.output(_mean_pool(b, x, attn), "sentence_embedding")
     return b.model()
+
+
+ARCHITECTURE = Architecture(ARCH, config, build, task="embed", ignored_weights=IGNORED_WEIGHTS, aliases=("BertForMaskedLM",))

@@ -1,4 +1,4 @@
-"""Gemma 3 text model (`Gemma3ForCausalLM`): the Llama decoder with
+"""Gemma 3 text model (`Gemma3ForCausalLM`): the shared decoder with
 - sliding-window layers interleaved with global ones (`layer_types`), each kind with its own
   rope (`rope_parameters` per layer type, or `rope_local_base_freq` in older configs);
 - RMSNorm weights stored as w - 1 (the graph uses 1 + w), q/k norms per head, and norms both
@@ -12,17 +12,16 @@ from __future__ import annotations
 import math
 
 from compiler.errors import KilnError
-from compiler.frontend.models import llama
+from compiler.frontend.models import decoder
+from compiler.frontend.models.architecture import Architecture
 from compiler.frontend.config_fields import flag, integer, need, number
 from compiler.frontend.rope import RopeConfig
 
-SHARDS = llama.SHARDS
-IGNORED_WEIGHTS = llama.IGNORED_WEIGHTS
 ARCH = "Gemma3ForCausalLM"
 WHERE = f"config.json of {ARCH}"
 
 WEIGHTS = {
-    **llama.WEIGHTS,
+    **decoder.WEIGHTS,
     "attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "mlp_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
@@ -56,7 +55,7 @@ def _ropes(cfg: dict) -> tuple[RopeConfig, RopeConfig]:
     return RopeConfig.from_hf(cfg, where), RopeConfig(theta=base)
 
 
-def config(cfg: dict) -> llama.LlamaConfig:
+def config(cfg: dict) -> decoder.DecoderConfig:
     _refuse_unsupported(cfg)
     layers = integer(cfg, "num_hidden_layers", WHERE)
     types = need(cfg, "layer_types", WHERE)
@@ -68,7 +67,7 @@ def config(cfg: dict) -> llama.LlamaConfig:
                         "use sliding_attention / full_attention, one per layer")
     rope, local = _ropes(cfg)
     hidden = integer(cfg, "hidden_size", WHERE)
-    return llama.LlamaConfig.from_hf(
+    return decoder.DecoderConfig.from_hf(
         cfg, ARCH,
         rope=rope, local_rope=local,
         sliding_window=integer(cfg, "sliding_window", WHERE),
@@ -81,5 +80,8 @@ def config(cfg: dict) -> llama.LlamaConfig:
     )
 
 
-def build(c: llama.LlamaConfig, ckpt, max_seq: int):
-    return llama.build(c, ckpt, max_seq, WEIGHTS)
+def build(c: decoder.DecoderConfig, ckpt, max_seq: int):
+    return decoder.build(c, ckpt, max_seq, WEIGHTS)
+
+
+ARCHITECTURE = Architecture(ARCH, config, build, ignored_weights=decoder.IGNORED_WEIGHTS, shards=decoder.SHARDS)

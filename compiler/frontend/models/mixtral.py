@@ -1,18 +1,19 @@
-"""Mixtral (`MixtralForCausalLM`): the Llama decoder with a top-k routed MoE in every layer
+"""Mixtral (`MixtralForCausalLM`): the shared decoder with a top-k routed MoE in every layer
 (experts w1 = gate, w3 = up, w2 = down; top-k probabilities always renormalised) and the
 Mistral sliding window when the config sets one."""
 
 from __future__ import annotations
 
 from compiler.frontend.config_fields import integer
-from compiler.frontend.models.llama import IGNORED_WEIGHTS, SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
+from compiler.frontend.models.architecture import Architecture
+from compiler.frontend.models.decoder import IGNORED_WEIGHTS, SHARDS, DecoderConfig, build
 from compiler.frontend.moe import MoeConfig
 
 ARCH = "MixtralForCausalLM"
 WHERE = f"config.json of {ARCH}"
 
 
-def config(cfg: dict) -> LlamaConfig:
+def config(cfg: dict) -> DecoderConfig:
     experts = integer(cfg, "num_local_experts", WHERE)
     moe = MoeConfig(
         num_experts=experts,
@@ -24,4 +25,7 @@ def config(cfg: dict) -> LlamaConfig:
         projections=("w1", "w3", "w2"),
     )
     window = integer(cfg, "sliding_window", WHERE, default=None) if cfg.get("sliding_window") else None
-    return LlamaConfig.from_hf(cfg, ARCH, sliding_window=window, moe=moe)
+    return DecoderConfig.from_hf(cfg, ARCH, sliding_window=window, moe=moe)
+
+
+ARCHITECTURE = Architecture(ARCH, config, build, ignored_weights=IGNORED_WEIGHTS, shards=SHARDS)

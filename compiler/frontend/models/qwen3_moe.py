@@ -5,17 +5,17 @@ in the layers `decoder_sparse_step` selects, minus `mlp_only_layers` (those keep
 from __future__ import annotations
 
 from compiler.errors import KilnError
-from compiler.frontend.config_fields import flag, integer, need
-from compiler.frontend.models.llama import IGNORED_WEIGHTS, SHARDS, LlamaConfig, build  # noqa: F401  (the shared builder)
+from compiler.frontend.config_fields import flag, integer, need, refuse_sliding_window
+from compiler.frontend.models.architecture import Architecture
+from compiler.frontend.models.decoder import IGNORED_WEIGHTS, SHARDS, DecoderConfig, build
 from compiler.frontend.moe import MoeConfig
 
 ARCH = "Qwen3MoeForCausalLM"
 WHERE = f"config.json of {ARCH}"
 
 
-def config(cfg: dict) -> LlamaConfig:
-    if cfg.get("use_sliding_window"):
-        raise KilnError(f"config.json of {ARCH}: use_sliding_window=true is not supported", "set use_sliding_window to false")
+def config(cfg: dict) -> DecoderConfig:
+    refuse_sliding_window(cfg, WHERE)
     layers, step = integer(cfg, "num_hidden_layers", WHERE), integer(cfg, "decoder_sparse_step", WHERE, default=1)
     only = cfg.get("mlp_only_layers") or []
     if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in only):
@@ -34,4 +34,7 @@ def config(cfg: dict) -> LlamaConfig:
         projections=("gate_proj", "up_proj", "down_proj"),
         dense_layers=frozenset(dense),
     )
-    return LlamaConfig.from_hf(cfg, ARCH, qk_norm=True, moe=moe)
+    return DecoderConfig.from_hf(cfg, ARCH, qk_norm=True, moe=moe)
+
+
+ARCHITECTURE = Architecture(ARCH, config, build, ignored_weights=IGNORED_WEIGHTS, shards=SHARDS)

@@ -1,10 +1,11 @@
 """Sibling-MatMul merge: projections that read the same activation become one MatMul + Split.
 
-Pattern: MatMul nodes named `<scope>/<leaf>/MatMul` for each leaf of a group (q/k/v, gate/up),
-all reading one activation X [.., K] with constant weights W_i [K, N_i], each optionally
-followed by `Add` of a constant bias [N_i].
+Pattern: MatMul nodes of one layer whose roles (`kiln.role`, compiler/ir/meta.py) are
+`<scope>.<leaf>` for each leaf of a group (q/k/v, gate/up), all reading one activation X [.., K]
+with constant weights W_i [K, N_i], each optionally followed by `Add` of a constant bias [N_i].
 Replacement: one MatMul with the weights concatenated along N (lazily: the checkpoint is read
-at save time), the biases concatenated likewise, and a Split back into the N_i pieces.
+at save time), the biases concatenated likewise, and a Split back into the N_i pieces; they
+carry the layer and the role `<scope>.<merged leaf>` (what tensor_parallel's ShardSpecs name).
 Check: refuses (and says why) when a weight is not constant, K or dtypes differ, or only some
 of the projections carry a bias.
 """
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from compiler.passes.base import PassResult
+from compiler.ir import meta
+from compiler.passes.base import Pass, PassResult
 
 
 @dataclass
@@ -63,16 +65,29 @@ def _concat_lazy(values: list[ir.Value], axis: int, name: str) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(lazy.dtype), shape=ir.Shape(shape), const_value=lazy)
 
 
-class SiblingMatMulMerge:
+def _scope_name(node: ir.Node) -> str:
+    """For people (notes, the merged nodes' names): the node's name up to its leaf, "/layers.3/attn"."""
+    leaf = meta.split_role(meta.role_of(node))[1]
+    head, found, _ = (node.name or "").rpartition(f"/{leaf}/")
+    return head if found else node.name or ""
+
+
+class SiblingMatMulMerge(Pass):
+    """Merge sibling projections that read the same input into one MatMul (then Split)."""
+
     def __init__(self, name: str, leaves: tuple[str, ...], merged_leaf: str):
         self.name, self.leaves, self.merged_leaf = name, leaves, merged_leaf
 
-    def _groups(self, graph: ir.Graph) -> dict[tuple[str, int], dict[str, ir.Node]]:
-        groups: dict[tuple[str, int], dict[str, ir.Node]] = defaultdict(dict)
+    def describe(self) -> str:
+        return f"merge the sibling projections {', '.join(self.leaves)} of each layer into one {self.merged_leaf} MatMul"
+
+    def _groups(self, graph: ir.Graph) -> dict[tuple[int | None, str, int], dict[str, ir.Node]]:
+        """(layer, enclosing role, id of X) -> leaf -> MatMul."""
+        groups: dict[tuple[int | None, str, int], dict[str, ir.Node]] = defaultdict(dict)
         for node in graph:
-            parts = (node.name or "").rsplit("/", 2)
-            if node.op_type == "MatMul" and len(parts) == 3 and parts[1] in self.leaves:
-                groups[(parts[0], id(node.inputs[0]))][parts[1]] = node
+            parent, leaf = meta.split_role(meta.role_of(node))
+            if node.op_type == "MatMul" and leaf in self.leaves:
+                groups[(meta.layer_of(node), parent, id(node.inputs[0]))][leaf] = node
         return groups
 
     def check(self, projs: list[_Proj]) -> str | None:
@@ -87,7 +102,8 @@ class SiblingMatMulMerge:
 
     def run(self, model: ir.Model) -> PassResult:
         graph, notes, changed = model.graph, [], False
-        for (scope, _), found in self._groups(graph).items():
+        for (_, parent, _), found in self._groups(graph).items():
+            scope = _scope_name(next(iter(found.values())))
             if set(found) != set(self.leaves):
                 notes.append(f"{scope}: refused, found only {sorted(found)} of {list(self.leaves)}")
                 continue
@@ -96,11 +112,11 @@ class SiblingMatMulMerge:
             if reason:
                 notes.append(f"{scope}: refused, {reason}")
                 continue
-            self._replace(graph, scope, projs)
+            self._replace(graph, scope, parent, projs)
             changed = True
         return PassResult(model, changed, notes)
 
-    def _replace(self, graph: ir.Graph, scope: str, projs: list[_Proj]) -> None:
+    def _replace(self, graph: ir.Graph, scope: str, parent: str, projs: list[_Proj]) -> None:
         prefix = f"{scope}/{self.merged_leaf}"
         weight = _concat_lazy([p.weight for p in projs], 1, f"{prefix}.weight".lstrip("/").replace("/", "."))
         weight.metadata_props["kiln.merged_from"] = ",".join(p.weight.name for p in projs)
@@ -120,6 +136,7 @@ class SiblingMatMulMerge:
         for n in nodes:
             for i, out in enumerate(n.outputs):
                 out.name = f"{n.name}_output_{i}"
+        meta.copy_meta(projs[0].matmul, *nodes, role=f"{parent}.{self.merged_leaf}" if parent else self.merged_leaf)
         graph.insert_before(projs[0].matmul, nodes)
         for p, piece in zip(projs, nodes[-1].outputs):
             p.output.replace_all_uses_with(piece)

@@ -1,43 +1,44 @@
 """pipeline_stage: the graph of one pipeline stage, layers [first, end) of the decoder.
 
-Nodes are assigned by their hierarchical names: `/layers.{i}/...` to layer i, `/inputs/...`
-(positions, masks, rope tables: cheap and derived from graph inputs) to every stage that reads
-them, nodes before the first layer (the embedding) to stage 0 and nodes after the last layer
-(final norm, lm_head) to the last stage. The value that crosses into the stage becomes the
-graph input `hidden_in` [batch, seq, H]; the value that leaves it for the next stage becomes
-the graph output `hidden_out`. The runtime moves them between ranks with send/recv. Graph
-inputs and outputs of other stages (their KV caches, input_ids, logits) are dropped.
+Nodes are assigned by their metadata (compiler/ir/meta.py), never their names: layer i's nodes
+to layer i, nodes of role "inputs" (positions, masks, rope tables: cheap and derived from graph
+inputs) to every stage that reads them, nodes before the first layer (the embedding) to stage 0
+and nodes after the last layer (final norm, lm_head) to the last stage. The value that crosses
+into the stage becomes the graph input `hidden_in` [batch, seq, H]; the value that leaves it
+for the next stage becomes the graph output `hidden_out`. The runtime moves them between ranks
+with send/recv. Graph inputs and outputs of other stages (their KV caches, input_ids, logits)
+are dropped.
 """
 
 from __future__ import annotations
 
-import re
-
 import onnx_ir as ir
 
 from compiler.errors import KilnError
-from compiler.passes.base import PassResult
+from compiler.ir import meta
+from compiler.passes.base import Pass, PassResult
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"
-_LAYER = re.compile(r"^/layers\.(\d+)/")
 
 
 def _owner(nodes: list[ir.Node]) -> dict[ir.Node, int | str]:
-    """node -> layer index, "shared" (/inputs), "pre" (before the first layer) or "post"."""
-    layer_of = {n: int(m.group(1)) for n in nodes if (m := _LAYER.match(n.name or ""))}
+    """node -> layer index, "shared" (role inputs), "pre" (before the first layer) or "post"."""
+    layer_of = {n: i for n in nodes if (i := meta.layer_of(n)) is not None}
     first = min((i for i, n in enumerate(nodes) if n in layer_of), default=len(nodes))
     out: dict[ir.Node, int | str] = {}
     for i, n in enumerate(nodes):
         if n in layer_of:
             out[n] = layer_of[n]
-        elif (n.name or "").startswith("/inputs/"):
+        elif meta.role_of(n) == meta.INPUTS:
             out[n] = "shared"
         else:
             out[n] = "pre" if i < first else "post"
     return out
 
 
-class PipelineStage:
+class PipelineStage(Pass):
+    """Keep this pipeline stage's layers only, with the hidden state as input and output."""
+
     name = "pipeline_stage"
 
     def __init__(self, stage: int, stages: tuple[tuple[int, int], ...], hidden_size: int):

@@ -1,7 +1,7 @@
 """tensor_parallel: the graph of one tensor-parallel rank, from the architecture's ShardSpecs.
 
-Pattern: a MatMul named `/layers.{i}/<scope>/MatMul` whose scope has a ShardSpec and whose
-weight is an initializer [K, N].
+Pattern: a MatMul in a layer whose role (`kiln.role`, compiler/ir/meta.py) has a ShardSpec and
+whose weight is an initializer [K, N].
 Replacement, for rank r of tp:
   column  weight[:, cols of r] (a following bias Add is sliced alike); when the product feeds
           a Split (a fused checkpoint projection), each part is sliced on its own and the
@@ -17,18 +17,16 @@ split dimension does not divide by tp.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.frontend.sharding import ShardSpec
+from compiler.ir import meta
 from compiler.ir.builder import initializer_bytes
-from compiler.passes.base import PassResult
+from compiler.passes.base import Pass, PassResult
 
 DOMAIN = "kiln"
-_LAYER = re.compile(r"^/layers\.(\d+)/(.+)/MatMul$")
 KV_PREFIXES = ("past_key.", "past_value.", "present_key.", "present_value.")
 
 
@@ -56,6 +54,7 @@ def all_reduce(graph: ir.Graph, y: ir.Value, name: str) -> ir.Value:
                    name=name, num_outputs=1)
     out = node.outputs[0]
     out.name, out.type, out.shape = f"{name}_output_0", y.type, y.shape
+    meta.copy_meta(y.producer(), node)
     graph.insert_after(y.producer(), node)
     for user, idx in users:
         user.replace_input_with(idx, out)
@@ -79,11 +78,13 @@ def _declare_all_reduce(model: ir.Model) -> None:
     model.functions[fn.identifier()] = fn
 
 
-class TensorParallel:
+class TensorParallel(Pass):
+    """Split the weights of this tensor-parallel rank by their ShardSpecs and insert the all-reduces."""
+
     name = "tensor_parallel"
 
     def __init__(self, specs: tuple[ShardSpec, ...], tp: int, rank: int):
-        self.specs = {s.scope: s.kind for s in specs}
+        self.specs = {s.role: s.kind for s in specs}
         self.tp, self.rank = tp, rank
         self.sharded_bytes = self.replicated_bytes = 0  # this rank's weights, after run()
 
@@ -94,14 +95,15 @@ class TensorParallel:
             return PassResult(model, False)
         for node in g:  # whole heads per rank, checked before anything is touched
             heads = node.attributes.get("num_heads")
-            if heads is not None and (node.name or "").startswith("/layers.") and heads.as_int() % tp:
+            if heads is not None and meta.layer_of(node) is not None and heads.as_int() % tp:
                 raise KilnError(f"tensor_parallel: {node.name} has {heads.as_int()} heads, not divisible by tp={tp}",
                                 "choose a tp that divides the query and KV heads")
         counts = {"column": 0, "row": 0}
-        layers: set[str] = set()
+        layers: set[int] = set()
         for node in list(g):
-            m = _LAYER.match(node.name or "") if node.op_type == "MatMul" and not node.domain else None
-            kind = self.specs.get(m.group(2)) if m else None
+            layer = meta.layer_of(node)
+            plain_matmul = node.op_type == "MatMul" and not node.domain and layer is not None
+            kind = self.specs.get(meta.role_of(node) or "") if plain_matmul else None
             if kind is None:
                 continue
             w = node.inputs[1]
@@ -111,9 +113,9 @@ class TensorParallel:
             (self._column if kind == "column" else self._row)(g, node, w)
             self.sharded_bytes += w.const_value.nbytes
             counts[kind] += 1
-            layers.add(f"/layers.{m.group(1)}/")
+            layers.add(layer)
         for node in g:
-            if any(node.name.startswith(p) for p in layers) and "num_heads" in node.attributes:
+            if meta.layer_of(node) in layers and "num_heads" in node.attributes:
                 node.attributes["num_heads"] = ir.AttrInt64("num_heads", node.attributes["num_heads"].as_int() // tp)
         for v in [*g.inputs, *g.outputs]:
             if v.name.startswith(KV_PREFIXES) and v.shape is not None and isinstance(v.shape[1], int):

@@ -19,9 +19,9 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from compiler.passes.base import PassResult
+from compiler.passes.base import Pass, PassResult
 from compiler.passes.quant import qdq
-from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel, search_losses, stable_argmin
+from compiler.passes.quant.base import Calibration, SchemeConfig, scheme_linears, search_losses, stable_argmin
 from compiler.passes.quant.int4 import fake_quantize, quantize
 from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
@@ -40,7 +40,7 @@ class Int4AwqConfig(SchemeConfig):
     search_rows: int = Field(256, ge=8, description="calibration rows used by the searches (at most the rows kept)")
 
 
-class Int4Awq:
+class Int4Awq(Pass):
     name = "quantize_int4_awq"
 
     def __init__(self, cfg: Int4AwqConfig, stats: dict):
@@ -94,26 +94,13 @@ class Int4Awq:
         # Last layer first: a scale folded into `up` columns must land before those weights are
         # searched and quantised themselves. One group at a time keeps one fp32 weight in memory.
         for lins in reversed(groups(graph)):
-            todo = self._split_overrides(graph, lins, counts)
+            todo = list(scheme_linears(graph, self.cfg, lins, counts))
             if todo:
                 s = self._scale(todo, len(todo) == len(lins))
                 self._clip_and_quantize(graph, todo, s, counts)
         note = (f"{counts['scaled']} linears scaled + clipped, {counts['unscaled']} clipped only (no place to fold "
                 f"the scale), {counts['int8']} int8, {counts['fp32']} fp32 by override")
         return PassResult(model, True, [note])
-
-    def _split_overrides(self, graph: ir.Graph, lins: list[qdq.Linear], counts: dict) -> list[qdq.Linear]:
-        """Applies overrides; returns the linears left for AWQ."""
-        todo = []
-        for lin in lins:
-            precision = self.cfg.precision_of(lin.node.name)
-            if precision == "int8":
-                qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))
-            if precision is None:
-                todo.append(lin)
-            else:
-                counts[precision] += 1
-        return todo
 
     def _rows(self, lin: qdq.Linear) -> np.ndarray:
         return self.stats[lin.node.name].rows[self.pick].astype(np.float32)  # [T, K]

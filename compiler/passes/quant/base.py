@@ -7,33 +7,30 @@ Overrides keep chosen linears at higher precision, matched by node-name glob, e.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from compiler.passes.base import PassResult
+from compiler.config_base import StrictModel
+from compiler.passes.base import Pass, PassResult
 from compiler.passes.quant import qdq
 from compiler.passes.quant.int4 import COLUMNS
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Override(_Strict):
+class Override(StrictModel):
     match: str = Field(description="glob on MatMul node names, e.g. '/lm_head/*' or '/layers.0/*'")
     precision: Literal["fp32", "int8"] = "fp32"
 
 
-class Calibration(_Strict):
+class Calibration(StrictModel):
     source: str = Field("stdlib", description="'stdlib' (English text shipped with Python) or a text file")
     samples: int = Field(16, gt=0, le=1024)
     seq_len: int = Field(512, ge=16, le=8192)
 
 
-class SchemeConfig(_Strict):
+class SchemeConfig(StrictModel):
     overrides: list[Override] = []
 
     def precision_of(self, name: str) -> str | None:
@@ -63,7 +60,35 @@ def _int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
 
 
-class WeightQuantizer:
+def with_precision(cfg: SchemeConfig, lins: Iterable[qdq.Linear]) -> Iterator[tuple[qdq.Linear, str | None]]:
+    """Each linear with its resolved precision: its first matching override's, or None (the scheme's)."""
+    for lin in lins:
+        yield lin, cfg.precision_of(lin.node.name)
+
+
+def scheme_linears(graph: ir.Graph, cfg: SchemeConfig, lins: Iterable[qdq.Linear],
+                   counts: dict[str, int] | None = None) -> Iterator[qdq.Linear]:
+    """Walks lins in order, applying each override as it comes (int8: a per-channel int8 weight;
+    fp32: the linear is left as it is), counted in counts[precision]; yields the linears left for
+    the scheme. Every scheme's loop over its linears goes through here."""
+    for lin, precision in with_precision(cfg, lins):
+        if precision is None:
+            yield lin
+            continue
+        if precision == "int8":
+            qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))
+            drop_if_unused(graph, lin)
+        if counts is not None:
+            counts[precision] = counts.get(precision, 0) + 1
+
+
+def drop_if_unused(graph: ir.Graph, lin: qdq.Linear) -> None:
+    """Remove the linear's float weight from the initializers once nothing reads it (a tied one stays)."""
+    if not list(lin.weight.uses()):
+        graph.initializers.pop(lin.weight.name, None)
+
+
+class WeightQuantizer(Pass):
     """Base pass: quantise each linear's weight via `quantize_linear`, honouring overrides."""
 
     name = "quantize"
@@ -76,19 +101,10 @@ class WeightQuantizer:
 
     def run(self, model: ir.Model) -> PassResult:
         graph, counts = model.graph, {"scheme": 0, "int8": 0, "fp32": 0}
-        for lin in qdq.linears(graph):
-            precision = self.cfg.precision_of(lin.node.name)
-            if precision == "fp32":
-                counts["fp32"] += 1
-                continue
-            if precision == "int8":
-                qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))
-                counts["int8"] += 1
-            else:
-                self.quantize_linear(graph, lin)
-                counts["scheme"] += 1
-            if not list(lin.weight.uses()):
-                graph.initializers.pop(lin.weight.name, None)
+        for lin in scheme_linears(graph, self.cfg, qdq.linears(graph), counts):
+            self.quantize_linear(graph, lin)
+            counts["scheme"] += 1
+            drop_if_unused(graph, lin)
         note = f"{counts['scheme']} linears quantised, {counts['int8']} kept int8, {counts['fp32']} kept fp32"
         return PassResult(model, counts["scheme"] + counts["int8"] > 0, [note])
 

@@ -5,9 +5,9 @@ input X [.., K] over a calibration set: mean |x| and max |x| per input channel, 
 max, and a few token rows of X for their loss. `collect()` runs the decoder graph part by part
 so peak memory stays near one decoder layer's weights plus the hidden states of the set:
 
-  prologue   nodes outside `/layers.N/` that the layers read (/inputs: mask, write index; /embed)
-  layer i    the nodes named `/layers.{i}/...`
-  epilogue   the rest (/select, /norm, /lm_head), so lm_head's input is calibrated too
+  prologue   nodes outside the layers that the layers read (inputs: mask, write index; embed)
+  layer i    the nodes whose `kiln.layer` (compiler/ir/meta.py) is i
+  epilogue   the rest (select, norm, lm_head), so lm_head's input is calibrated too
 
 Each part becomes a standalone ONNX model with cloned nodes: its inputs are the graph inputs
 and boundary values it reads from earlier parts, plus its lazy (checkpoint) weights, which are
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -39,9 +38,9 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler.errors import KilnError
+from compiler.ir import meta
 
 EVAL_TOKENS = 2048 + 1  # `kiln eval`'s default window + 1 targets: calibration starts after them
-_LAYER = re.compile(r"^/layers\.(\d+)/")
 _EMBED_BYTES = 1 << 20  # in-memory constants up to this size are embedded; larger ones are fed
 
 
@@ -159,7 +158,7 @@ def _default_targets(graph: ir.Graph) -> list[str]:
 
 def _partition(graph: ir.Graph, targets: list[str]) -> list[_Part]:
     """Prologue, one part per layer, epilogue; each sliced to what it must output."""
-    layer = {n: int(m.group(1)) for n in graph if (m := _LAYER.match(n.name or ""))}
+    layer = {n: i for n in graph if (i := meta.layer_of(n)) is not None}
     pro: set[ir.Node] = set()
     stack = [v for n in layer for v in n.inputs if v is not None]
     while stack:  # non-layer ancestors of layer nodes
@@ -281,6 +280,9 @@ def collect(model: ir.Model, tokens: np.ndarray, targets: list[str] | None = Non
     The graph is the decoder as built by the frontend with max_seq = S, after the passes."""
     import onnxruntime as ort
 
+    from compiler.runtime.config import SessionConfig
+    from compiler.runtime.session import session_options
+
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.ndim != 2 or tokens.size == 0:
         raise KilnError(f"calibration tokens have shape {list(tokens.shape)}", "pass [samples, seq_len] token ids")
@@ -295,10 +297,8 @@ def collect(model: ir.Model, tokens: np.ndarray, targets: list[str] | None = Non
     accs: dict[str, _Acc] = {}
     done: dict[str, ActStats] = {}
     spill = _Spill()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
+    so = session_options(SessionConfig(intra_op_threads=threads, inter_op_threads=1,
+                                       graph_optimization_level="ORT_ENABLE_BASIC"))
     with _bar(progress, len(parts)) as tick:
         for k, part in enumerate(parts):
             data, weights = _submodel(model, part, per_sample[0])

@@ -31,9 +31,10 @@ import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.frontend.gguf_grids import GgufTensors, Grid
+from compiler.ir import meta
 from compiler.passes.base import PassResult
 from compiler.passes.quant import qdq
-from compiler.passes.quant.base import SchemeConfig, WeightQuantizer
+from compiler.passes.quant.base import SchemeConfig, WeightQuantizer, with_precision
 
 
 # ONNX Runtime 1.31's CPU MatMulNBits has no fp32-activation kernel for 8 bits: it dequantises the
@@ -105,6 +106,19 @@ class GgufSource:
                         "re-import the GGUF (delete kiln's cache entry for it) or report the file's type")
 
 
+def open_source(recipe, cfg, ckpt) -> GgufSource:
+    """The GGUF file whose grids the gguf scheme keeps (`file`, else the recipe's .gguf source),
+    opened now: a path that is not a GGUF file is refused before any work."""
+    file = recipe.quantization.file or recipe.source
+    path = Path(file).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise KilnError(f"quantization scheme gguf needs a .gguf file; {file} is not one",
+                        "set source: to the .gguf file (or quantization.file: to the one the checkpoint came from)")
+    source = GgufSource(path, ckpt, (getattr(cfg, "num_heads", 0), getattr(cfg, "num_kv_heads", 0)))
+    _ = source.tensors
+    return source
+
+
 def _row_orders(rows: int, heads: tuple[int, ...]):
     """Identity, then llama.cpp's rotary permutation undone for each head count that divides rows
     (its converter stores hf rows P = [h, 2, d/2] -> [h, d/2, 2] of each q/k weight)."""
@@ -152,8 +166,8 @@ class GgufGrids(WeightQuantizer):
         """Before anything changes: every quantised linear's parts must have 4-bit grids (TensorRT's
         signed int4 blocks); the others are named with what TensorRT lacks for them."""
         bad = {}
-        for lin in qdq.linears(graph):
-            if self.cfg.precision_of(lin.node.name) in ("fp32", "int8"):  # overrides: not a grid
+        for lin, precision in with_precision(self.cfg, qdq.linears(graph)):
+            if precision is not None:  # overrides: not a grid
                 continue
             for name in lin.weight.metadata_props.get("kiln.merged_from", lin.weight.name).split(","):
                 grid, kind = self.source.grid(name)
@@ -252,6 +266,7 @@ def _add_offset(graph: ir.Graph, lin: qdq.Linear, off: ir.Value, block: int, blo
         n.outputs[0].name = f"{n.name}_output_0"
         n.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     add.outputs[0].shape = y.shape
+    meta.copy_meta(lin.node, *nodes)
     graph.insert_after(lin.node, nodes)
     out = add.outputs[0]
     is_output = y in graph.outputs

@@ -6,7 +6,8 @@ act:   QuantizeLinear(x, s) -> DequantizeLinear(., s) -> MatMul   (static per-te
 The same graph feeds every backend; ONNX Runtime fuses DQ(int4 block) + MatMul into MatMulNBits.
 Quantised weights are lazy: a scheme hands over how to make them, and they are made one linear at
 a time as the model is saved, so a build's memory does not grow with the model's depth.
-Node and initializer names keep the linear's scope: `/layers.3/attn/qkv_proj/weight_dq`.
+Node and initializer names keep the linear's scope: `/layers.3/attn/qkv_proj/weight_dq`; the
+inserted nodes carry the MatMul's layer and role (compiler/ir/meta.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from compiler.ir import meta
 from compiler.passes.quant.int4 import QuantizedWeight
 
 
@@ -65,6 +67,7 @@ def dequantize_weight(graph: ir.Graph, lin: Linear, inputs: list[ir.Value | None
     dq = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=f"{lin.scope}/weight_dq")
     dq.outputs[0].name = f"{lin.scope}/weight_dq_output_0"
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), lin.weight.shape
+    meta.copy_meta(lin.node, dq)
     graph.insert_before(lin.node, dq)
     lin.node.replace_input_with(1, dq.outputs[0])
 
@@ -159,5 +162,6 @@ def quantize_input(graph: ir.Graph, lin: Linear, scale: float, dtype: ir.DataTyp
     qn.outputs[0].name, dq.outputs[0].name = f"{lin.scope}/input_q_output_0", f"{lin.scope}/input_dq_output_0"
     qn.outputs[0].type, qn.outputs[0].shape = ir.TensorType(dtype), x.shape
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+    meta.copy_meta(lin.node, qn, dq)
     graph.insert_before(lin.node, [qn, dq])
     lin.node.replace_input_with(0, dq.outputs[0])

@@ -14,9 +14,10 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from compiler.passes.base import PassResult
+from compiler.passes.base import Pass, PassResult
 from compiler.passes.quant import qdq
-from compiler.passes.quant.base import Calibration, SchemeConfig, int8_per_channel, search_losses, stable_argmin
+from compiler.passes.quant.base import (Calibration, SchemeConfig, int8_per_channel, scheme_linears, search_losses,
+                                        stable_argmin)
 from compiler.passes.quant.smoothing import expect_sink, fold, groups, private
 
 
@@ -28,7 +29,7 @@ class Int8SqConfig(SchemeConfig):
     calibration: Calibration = Calibration()
 
 
-class ActivationQuantizer:
+class ActivationQuantizer(Pass):
     """Shared loop of the W8A8-style schemes: smoothing (optional), then per-linear quantisation."""
 
     name = "quantize_activations"
@@ -76,10 +77,7 @@ class ActivationQuantizer:
     def run(self, model: ir.Model) -> PassResult:
         graph, done, smoothed = model.graph, 0, 0
         for lins in reversed(groups(graph)):  # last first: folds into `up` land before up is quantised
-            todo = [lin for lin in lins if self.cfg.precision_of(lin.node.name) is None]
-            for lin in lins:
-                if self.cfg.precision_of(lin.node.name) == "int8":
-                    qdq.use_int8(graph, lin, lambda lin=lin: int8_per_channel(lin.read()))
+            todo = list(scheme_linears(graph, self.cfg, lins))
             if not todo:
                 continue
             absmax = self.stats[todo[0].node.name].absmax.astype(np.float32)  # [K]

@@ -37,13 +37,38 @@ def test_half_graph_keeps_fp32_where_it_matters(fp16):
     assert attrs[("Attention", "softmax_precision")] == onnx.TensorProto.FLOAT
 
 
-def test_session_options_written_by_kiln(fp16):
-    s = json.loads((fp16 / "engine.json").read_text())["session"]
-    assert s["execution_provider"] == "CUDAExecutionProvider" and s["cuda_graph"] is True
-    assert s["provider_options"] == {"device_id": "0", "arena_extend_strategy": "kSameAsRequested",
-                                     "cudnn_conv_algo_search": "DEFAULT", "do_copy_in_default_stream": "1",
-                                     "enable_cuda_graph": "1"}
-    assert json.loads((fp16 / "engine.json").read_text())["kv_cache"]["dtype"] == "float16"
+class _Given(Exception):
+    """Raised by the stand-in InferenceSession once it has seen what the runtime gives it."""
+
+
+@pytest.mark.parametrize("options", [{}, {"device_id": 1, "cuda_graph": False, "int4_accuracy_level": 2}])
+def test_the_recipes_cuda_options_are_what_onnx_runtime_is_given(fp16, tmp_path, monkeypatch, options):
+    """Built on CPU, loaded with ONNX Runtime's session constructor stood in for (this onnxruntime
+    has no CUDA provider): the provider, its options and the session options the runtime passes
+    follow the recipe, and are exactly what engine.json recorded."""
+    art = fp16 if not options else build_artifact(json.loads((fp16 / "kiln.json").read_text())["source"]["path"], tmp_path,
+                                                  "llama-fp16-opts", max_seq=64, onnxruntime={**CUDA, **options})
+    given = {}
+
+    def session(path, sess_options=None, providers=None, **kw):
+        given.update(path=path, options=sess_options, providers=providers)
+        raise _Given
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.raises(_Given):
+        load(art)
+    recorded = json.loads((art / "engine.json").read_text())
+    [(provider, provider_options)] = given["providers"]
+    assert provider == "CUDAExecutionProvider" and str(given["path"]) == str(art / "model.onnx")
+    assert provider_options["device_id"] == str(options.get("device_id", 0))
+    assert provider_options["enable_cuda_graph"] == ("1" if options.get("cuda_graph", True) else "0")
+    assert recorded["session"]["cuda_graph"] is options.get("cuda_graph", True)  # the runtime's graph capture follows
+    assert provider_options == recorded["session"]["provider_options"]  # nothing added or lost on the way
+    so = given["options"]
+    assert so.intra_op_num_threads == 1  # the CPU side only launches kernels
+    assert so.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == str(options.get("int4_accuracy_level", 4))
+    assert recorded["kv_cache"]["dtype"] == "float16"
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime has CUDA")

@@ -1,0 +1,155 @@
+"""`kiln tune RECIPE --workload W`: build the candidate engines, replay the workload's trace on
+each with candidate runtime settings, and pick the best point for the workload's target.
+
+Candidates: the recipe as written, and one variant per `schemes` entry (the recipe with that
+quantisation scheme and the recipe's quality limits, or MAX_PPL_INCREASE_PCT when it has none);
+a variant whose build fails its quality gate is dropped and the reason kept. Builds go through
+the build cache, so a repeated tune rebuilds nothing. Runtime settings (runtime_candidates) vary
+the sequences run at once, the prefill token budget of a step, prompt-lookup speculation and the
+prefix cache around kiln serve's defaults; the first candidate is always the recipe's engine with
+those defaults. The Search (pareto.py) measures them within the budget, interleaved with the best.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from compiler.errors import KilnError
+from compiler.recipe import Recipe, load_recipe, parse_recipe
+from compiler.tune.pareto import Search, SearchResult
+from compiler.tune.replay import RuntimeSettings, corpus_ids, realise, replay
+from compiler.tune.trace import make_trace
+from compiler.tune.workload import Workload, load_workload, workload_path
+
+MAX_PPL_INCREASE_PCT = 15.0  # the gate of quantised candidates when the recipe sets none
+DEFAULT_SCHEMES = ("int8-wo", "int4-rtn")  # no calibration: cheap to build, and the gate decides
+
+
+@dataclass
+class Engine:
+    name: str  # the candidate's name: "recipe" or its scheme
+    recipe: Recipe
+    artifact: Path
+    quality: float | None  # perplexity increase (%) against fp32; None for the recipe's own engine if unquantised
+    loaded: dict = field(default_factory=dict)  # threads -> the loaded engine
+
+
+@dataclass
+class TuneResult:
+    workload: Workload
+    workload_file: Path
+    recipe_path: Path
+    engines: list[Engine]
+    dropped: list[str]  # candidates left out, each with why
+    search: SearchResult
+
+
+def variants(recipe: Recipe, schemes: tuple[str, ...]) -> list[tuple[str, Recipe]]:
+    """The recipe, then a quantised copy per scheme (named <recipe>-<scheme>) with a gate."""
+    out = [("recipe", recipe)]
+    if recipe.quantization is not None:
+        return out  # already quantised: its own scheme is the candidate
+    data = recipe.resolved()
+    quality = {**data.get("quality", {}), "gate": True}
+    quality.setdefault("max_ppl_increase_pct", None)
+    if quality["max_ppl_increase_pct"] is None:
+        quality["max_ppl_increase_pct"] = MAX_PPL_INCREASE_PCT
+    for scheme in schemes:
+        variant = {**data, "name": f"{recipe.name}-{scheme}", "quantization": {"scheme": scheme}, "quality": quality}
+        out.append((scheme, parse_recipe(variant, f"{recipe.name} with scheme {scheme}")))
+    return out
+
+
+def build_candidates(recipe: Recipe, schemes: tuple[str, ...], out_root: Path, say: Callable[[str], None]) -> tuple[list[Engine], list[str]]:
+    """Build (or find up to date) each variant; the ones whose gate fails are dropped with why."""
+    from compiler.build import build
+
+    engines, dropped = [], []
+    for name, r in variants(recipe, schemes):
+        try:
+            manifest = build(r, out_root, progress=False)
+        except KilnError as e:
+            if name == "recipe":
+                raise
+            dropped.append(f"{name}: {e}")
+            say(f"dropped {name}: {e}")
+            continue
+        quality = (manifest.get("quality") or {}).get("ppl_increase_pct")
+        say(f"engine {name}: {out_root / r.name}" + (f" (perplexity {quality:+.2f}%)" if quality is not None else ""))
+        engines.append(Engine(name, r, out_root / r.name, quality))
+    return engines, dropped
+
+
+def runtime_candidates(w: Workload, cores: int) -> list[RuntimeSettings]:
+    """kiln serve's defaults first, then one change at a time around the workload's concurrency,
+    and the combinations that workload kind usually wants."""
+    c = w.arrival.concurrency or 8
+    prefix = 4096 if w.shared_prefix > 0 else 0
+    base = RuntimeSettings(max_num_seqs=c, max_num_batched_tokens=512, prefix_cache_tokens=prefix)
+    out = [RuntimeSettings(), base]
+    out += [RuntimeSettings(max_num_seqs=n, max_num_batched_tokens=512, prefix_cache_tokens=prefix) for n in (1, 2) if n < c]
+    out += [RuntimeSettings(max_num_seqs=c, max_num_batched_tokens=t, prefix_cache_tokens=prefix) for t in (128, 2048)]
+    out += [RuntimeSettings(max_num_seqs=n, max_num_batched_tokens=512, prefix_cache_tokens=prefix, speculate="ngram",
+                            num_speculative=4) for n in (1, c)]
+    if cores >= 4:
+        out.append(RuntimeSettings(max_num_seqs=c, max_num_batched_tokens=512, prefix_cache_tokens=prefix, threads=cores // 2))
+    seen, unique = set(), []
+    for s in out:
+        if s.key() not in seen:
+            seen.add(s.key())
+            unique.append(s)
+    return unique
+
+
+def candidates(engines: list[Engine], w: Workload, cores: int) -> list[tuple[str, dict]]:
+    """(key, settings): every runtime candidate on the recipe's engine, then on each variant
+    engine its defaults and the two settings that most often win (the workload's concurrency,
+    with and without speculation)."""
+    runtime = runtime_candidates(w, cores)
+    out = [(f"recipe/{s.key()}", {"engine": "recipe", "runtime": s.as_dict()}) for s in runtime]
+    for e in engines[1:]:
+        for s in (runtime[0], runtime[1], runtime[-1] if runtime[-1].speculate else runtime[1]):
+            key = f"{e.name}/{s.key()}"
+            if key not in {k for k, _ in out}:
+                out.append((key, {"engine": e.name, "runtime": s.as_dict()}))
+    return out
+
+
+def tune(recipe_path: Path, workload_spec: str, out_root: Path, budget_s: float, schemes: tuple[str, ...] = DEFAULT_SCHEMES,
+         say: Callable[[str], None] = lambda line: None) -> TuneResult:
+    import time
+
+    from compiler.runtime import load
+
+    start = time.monotonic()
+    recipe, w = load_recipe(recipe_path), load_workload(workload_spec)
+    if recipe.backend != "onnxruntime" or recipe.onnxruntime.device != "cpu" or recipe.parallel.world_size > 1:
+        raise KilnError("kiln tune replays the workload on this machine's CPU: it tunes single-rank onnxruntime cpu recipes",
+                        "tune the onnxruntime variant of the model (backend: onnxruntime, device: cpu)")
+    engines, dropped = build_candidates(recipe, schemes, out_root, say)
+    by_name = {e.name: e for e in engines}
+
+    def engine_of(name: str, threads: int | None):
+        e = by_name[name]
+        if threads not in e.loaded:
+            e.loaded[threads] = load(e.artifact, threads=threads)
+        return e.loaded[threads]
+
+    first = engine_of("recipe", None)
+    eos = frozenset(first.config.generation.eos_token_ids)
+    trace = make_trace(w, first.config.vocab_size, first.config.max_seq, eos)
+    trace = realise(trace, corpus_ids(first), w)
+
+    def measure(settings: dict):
+        rs = RuntimeSettings(**settings["runtime"])
+        return replay(engine_of(settings["engine"], rs.threads), trace, w, rs)
+
+    cands = candidates(engines, w, os.cpu_count() or 2)
+    say(f"{len(cands)} candidates on {len(engines)} engines, {w.requests} requests a replay, "
+        f"budget {budget_s - (time.monotonic() - start):.0f} s left after the builds")
+    search = Search(cands, measure, w.targets, max(budget_s - (time.monotonic() - start), 0.0), on_progress=say,
+                    quality=lambda s: by_name[s["engine"]].quality)
+    return TuneResult(w, workload_path(workload_spec), Path(recipe_path), engines, dropped, search.run())
