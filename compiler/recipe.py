@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from compiler.backends.tensorrt.options import TensorRTOptions
-from compiler.config_base import StrictModel
+from compiler.config_base import StrictModel, load_mapping
 from compiler.errors import KilnError
 from compiler.passes.quant import QuantConfig
 
@@ -133,15 +132,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise KilnError(f"recipe {path} does not exist", "pass a recipes/*.yaml file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise KilnError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
-    if not isinstance(data, dict):
-        raise KilnError(f"{path}: a recipe must be a YAML mapping", "see recipes/smollm2-135m.yaml")
-    return parse_recipe(data, str(path))
+    return parse_recipe(load_mapping(path, "recipe", "recipes/smollm2-135m.yaml"), str(path))
 
 
 def parse_recipe(data: dict, where: str = "recipe") -> Recipe:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import numpy as np
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from compiler.config_base import StrictModel
+from compiler.config_base import StrictModel, load_mapping
 from compiler.errors import KilnError
 
 SCHEMA_VERSION = 1
@@ -170,17 +169,7 @@ def workload_path(spec: str | Path) -> Path:
 def load_workload(spec: str | Path) -> Workload:
     """A workload from a YAML file's path, or from a bare name such as `chat` (workloads/chat.yaml)."""
     path = workload_path(spec)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise KilnError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise KilnError(f"workload {path} cannot be read ({e})", "pass a readable UTF-8 YAML file") from None
-    if not isinstance(data, dict):
-        raise KilnError(f"{path}: a workload must be a YAML mapping", f"see {EXAMPLE} for the fields")
-    return parse_workload(data, str(path))
+    return parse_workload(load_mapping(path, "workload", EXAMPLE), str(path))
 
 
 def _field(loc: tuple) -> str:

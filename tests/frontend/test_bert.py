@@ -11,37 +11,10 @@ import pytest
 from compiler.cli import main
 from compiler.runtime import load
 from tests.conftest import build_artifact, english_text
+from tests.tiny_models import make_bert
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", english_text()[2000:2600], "Short.",
          "Attention masks keep padding out of the mean."]
-
-
-def make_bert(out, arch: str):
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator([english_text()[:200_000]], trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
-                                                                                   show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = transformers.BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                          sep_token="[SEP]", mask_token="[MASK]")
-    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=256, pad_token_id=0)
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.08)
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module", params=["BertModel", "BertForMaskedLM"])
