@@ -132,16 +132,17 @@ def compile_into(recipe: Recipe, prep: Prepared, out: Path, dump_ir: Path | None
     """Run the build pipeline on each rank's graph and have the backend write it into `out`."""
     ctx = pipeline.Context(prep.arch, prep.cfg, prep.ckpt, prep.digest, progress)
     managers: list[PassManager] = []
-    spec = recipe.speculative.model_dump() if recipe.speculative is not None else None
+    defaults = {k: getattr(recipe, k).model_dump(exclude_none=k == "serve") for k in ("speculative", "serve")
+                if getattr(recipe, k) is not None}
     t = time.perf_counter()
     if prep.layout is None:
         backend = backends.make(recipe, prep.facts, getattr(prep.cfg, "num_heads", 0), progress)
-        emitted = backends.emit(backend, _single_rank(recipe, prep, ctx, dump_ir, managers), 1, out, speculative=spec)
+        emitted = backends.emit(backend, _single_rank(recipe, prep, ctx, dump_ir, managers), 1, out, runtime_defaults=defaults)
     else:
         lay, rcfg = prep.layout, build_ranks.rank_config(prep.cfg, prep.layout)
         backend = backends.make(recipe, dataclasses.replace(prep.facts, num_kv_heads=rcfg.num_kv_heads), rcfg.num_heads, progress)
         models_ = build_ranks.rank_models(recipe, prep.arch, prep.cfg, prep.ckpt, lay, ctx, dump_ir, managers)
-        emitted = backends.emit(backend, models_, lay.world_size, out, speculative=spec,
+        emitted = backends.emit(backend, models_, lay.world_size, out, runtime_defaults=defaults,
                                 rank_spec=lambda r, o: build_ranks.rank_spec(lay, r, o, managers[r]),
                                 parallel=lambda ranks: build_ranks.parallel_spec(lay, prep.cfg, ranks))
     pm = managers[0]

@@ -153,18 +153,18 @@ def _serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"kiln serve needs {e.name}: pip install 'kiln[serve]'") from None
     from compiler.runtime import load
+    from compiler.runtime.core import SchedulerConfig
+    from compiler.runtime.speculative import resolve
+    from compiler.serve import settings
 
-    engine = load(args.artifact, threads=args.threads, config_entries=_draft_entries(args))
+    flags = {k: getattr(args, k) for k in settings.BUILTIN} | _speculate(args)
+    runtime, spec = settings.resolve(flags, Path(args.artifact), args.tuned)  # flags > --tuned > recipe's > kiln's
+    engine = load(args.artifact, threads=runtime["threads"], config_entries=_draft_entries(args))
     if getattr(engine.config, "task", "generate") != "generate":
         raise ValueError(f"{args.artifact} is not a text generator; kiln serve serves decoder artifacts")
-    from compiler.runtime.core import SchedulerConfig
-
     name = args.name or Path(args.artifact).resolve().name
-    from compiler.runtime.speculative import resolve
-
-    spec = _speculate(args)
-    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            kv_cache_gib=args.kv_cache_gib, prefix_cache_tokens=args.prefix_cache_tokens,
+    sched = SchedulerConfig(max_num_seqs=runtime["max_num_seqs"], max_num_batched_tokens=runtime["max_num_batched_tokens"],
+                            kv_cache_gib=args.kv_cache_gib, prefix_cache_tokens=runtime["prefix_cache_tokens"],
                             speculative=resolve(spec["speculate"], engine, spec["num_speculative"]))
     app = create_app(engine, name, args.max_queue, sched)
     if not args.quiet:
@@ -309,14 +309,16 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get HTTP 429")
     sv.add_argument("--max-num-seqs", type=_positive,
                     help="sequences generated at once (KV rows; default 64 on CPU, the engine's max_batch on GPUs)")
-    sv.add_argument("--max-num-batched-tokens", type=_positive, default=512,
+    sv.add_argument("--max-num-batched-tokens", type=_positive,
                     help="tokens one engine step feeds: every running decode, then prompt chunks (default 512)")
     sv.add_argument("--kv-cache-gib", type=float,
                     help="KV memory budget (CPU default 4): CPU rows take memory as they fill and a request waits "
                          "until its prompt and max_tokens fit; GPU rows are whole, so a budget means fewer rows")
-    sv.add_argument("--prefix-cache-tokens", type=int, default=4096,
-                    help="KV of shared prompt prefixes kept for reuse, in tokens (0: off; CPU engines)")
+    sv.add_argument("--prefix-cache-tokens", type=int,
+                    help="KV of shared prompt prefixes kept for reuse, in tokens (0: off; CPU engines; default 4096)")
     sv.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
+    sv.add_argument("--tuned", metavar="WORKLOAD", help="start with the settings `kiln tune` chose for WORKLOAD "
+                                                        "(recorded in the artifact); flags given here override them")
     _speculative_flags(sv)
     pb = cmd("publish", _publish, "push an artifact to an OCI registry (ORAS) or a directory")
     pb.add_argument("artifact")
@@ -348,6 +350,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=2048, help="tokens scored (default: 2048)")
     e.add_argument("--threads", type=int, help="intra-op threads (default: the engine's, physical cores)")
 
+    from compiler.tune.command import add_parser as add_tune
+
+    add_tune(cmd)
     m = cmd("import", _import, "import a GGUF file into a Hugging Face checkpoint directory")
     m.add_argument("gguf")
     m.add_argument("out_dir")
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
-        if args.command == "build":  # the build side raises KilnError for bad input: anything else is a bug
+        if args.command in ("build", "tune"):  # the build side raises KilnError for bad input: anything else is a bug
             raise
         print(f"kiln: error: {e}", file=sys.stderr)
     except ImportError as e:

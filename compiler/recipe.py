@@ -81,6 +81,16 @@ class SpeculativeOptions(StrictModel):
         return self
 
 
+class ServeOptions(StrictModel):
+    """Runtime settings `kiln serve` starts with for this engine (recorded in engine.json); its
+    flags override them. `kiln tune` writes them into a tuned recipe."""
+
+    max_num_seqs: int | None = Field(None, ge=1, le=4096, description="sequences generated at once")
+    max_num_batched_tokens: int | None = Field(None, ge=1, le=65536, description="tokens one engine step feeds")
+    prefix_cache_tokens: int | None = Field(None, ge=0, description="KV of shared prompt prefixes kept, in tokens")
+    threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads")
+
+
 class Recipe(StrictModel):
     schema_version: Literal[1] = Field(alias="schema")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
@@ -97,6 +107,7 @@ class Recipe(StrictModel):
     parallel: ParallelOptions = ParallelOptions()
     plugins: list[str] = []  # custom-op plugins whose rewrite passes run after `passes` (kiln plugins list)
     speculative: SpeculativeOptions | None = None
+    serve: ServeOptions | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -71,9 +71,10 @@ class Emitted:
 
 def emit(backend: Backend, models: Iterator[ir.Model], world_size: int, out: Path,
          rank_spec: Callable[[int, RankOutput], RankSpec] | None = None,
-         parallel: Callable[[list[RankSpec]], ParallelSpec] | None = None, speculative: dict | None = None) -> Emitted:
+         parallel: Callable[[list[RankSpec]], ParallelSpec] | None = None, runtime_defaults: dict | None = None) -> Emitted:
     """Check and emit each rank's graph as it is taken (one in memory at a time), then write engine.json.
-    rank_spec/parallel: the build side's description of each rank and of the layout (multi-rank)."""
+    rank_spec/parallel: the build side's description of each rank and of the layout (multi-rank);
+    runtime_defaults: the recipe's `speculative` / `serve` sections, recorded for the runtime."""
     outputs, specs, nodes = [], [], 0
     for r, model in enumerate(models):
         backend.check(model)
@@ -85,7 +86,6 @@ def emit(backend: Backend, models: Iterator[ir.Model], world_size: int, out: Pat
         del model
         gc.collect()
     engine = backend.engine(outputs, parallel(specs) if world_size > 1 else None)
-    if speculative is not None:
-        engine = dataclasses.replace(engine, speculative=speculative)
+    engine = dataclasses.replace(engine, **(runtime_defaults or {}))
     (out / "engine.json").write_text(engine.to_json())
     return Emitted(engine, nodes)
