@@ -47,16 +47,16 @@ def table(res: TuneResult) -> None:
     s, w = res.search, res.workload
     t = Table(title=f"kiln tune {res.recipe_path.name} --workload {w.name} ({describe(w.targets)})")
     for col in ("point", "tok/s", "ttft p99 ms", "itl p99 ms", "ppl +%", "replays", ""):
-        t.add_column(col, justify="left" if col in ("point", "") else "right")
+        t.add_column(col, justify="left" if col in ("point", "") else "right", no_wrap=col == "point")
     front = {p.key for p in s.front}
     for p in sorted(s.points, key=lambda p: -p.throughput):
         mark = "chosen" if p is s.chosen else "default" if p is s.default else "front" if p.key in front else ""
         mark += " (stopped early)" if p.stopped_early else ""
         t.add_row(p.key, f"{p.throughput:.0f}", f"{p.latency('ttft_p99_ms'):.0f}", f"{p.latency('itl_p99_ms'):.1f}",
                   "-" if p.quality is None else f"{p.quality:+.1f}", str(len(p.runs)), mark)
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=max(Console(stderr=True).width, 140))
     console.print(t)
-    console.print(f"chosen: {s.chosen.key}: {s.reason}; {s.gain:.2f}x the default's throughput")
+    console.print(f"chosen: {s.reason}")
     for line in res.dropped:
         console.print(f"dropped {line}")
 
@@ -76,8 +76,9 @@ def plot(res: TuneResult, path: Path) -> Path:
     for i, name in enumerate(engines):
         pts = [p for p in s.points if p.settings["engine"] == name]
         ax.scatter([p.latency(metric) for p in pts], [p.throughput for p in pts], s=28, color=f"C{i}", label=f"engine {name}")
-    front = sorted(s.front, key=lambda p: p.latency(metric))
-    ax.plot([p.latency(metric) for p in front], [p.throughput for p in front], color="0.4", lw=1, label="Pareto front")
+    front = _front_2d(s.points, metric)
+    ax.step([p.latency(metric) for p in front], [p.throughput for p in front], where="post", color="0.4", lw=1,
+            label=f"front: tok/s vs {metric}")
     limit = getattr(w.targets, metric, None)
     if limit:
         ax.axvline(limit, color="red", ls="--", lw=1, label=f"target {metric} {limit:g}")
@@ -92,6 +93,14 @@ def plot(res: TuneResult, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _front_2d(points: list[Point], metric: str) -> list[Point]:
+    """The points no other beats on both plotted axes (more tok/s at no more latency), by latency."""
+    out = [p for p in points if not any(q.throughput >= p.throughput and q.latency(metric) <= p.latency(metric)
+                                        and (q.throughput, q.latency(metric)) != (p.throughput, p.latency(metric))
+                                        for q in points)]
+    return sorted(out, key=lambda p: p.latency(metric))
 
 
 def tuned_recipe(res: TuneResult) -> Path:

@@ -85,17 +85,21 @@ def build_candidates(recipe: Recipe, schemes: tuple[str, ...], out_root: Path, s
 
 def runtime_candidates(w: Workload, cores: int) -> list[RuntimeSettings]:
     """kiln serve's defaults first, then one change at a time around the workload's concurrency,
-    and the combinations that workload kind usually wants."""
+    the changes its kind usually wants first: a larger prefill budget for prompt-heavy traffic,
+    speculation for reply-heavy traffic."""
     c = w.arrival.concurrency or 8
     prefix = 4096 if w.shared_prefix > 0 else 0
-    base = RuntimeSettings(max_num_seqs=c, max_num_batched_tokens=512, prefix_cache_tokens=prefix)
-    out = [RuntimeSettings(), base]
-    out += [RuntimeSettings(max_num_seqs=n, max_num_batched_tokens=512, prefix_cache_tokens=prefix) for n in (1, 2) if n < c]
-    out += [RuntimeSettings(max_num_seqs=c, max_num_batched_tokens=t, prefix_cache_tokens=prefix) for t in (128, 2048)]
-    out += [RuntimeSettings(max_num_seqs=n, max_num_batched_tokens=512, prefix_cache_tokens=prefix, speculate="ngram",
-                            num_speculative=4) for n in (1, c)]
+
+    def at(**kw) -> RuntimeSettings:
+        return RuntimeSettings(**{"max_num_seqs": c, "max_num_batched_tokens": 512, "prefix_cache_tokens": prefix, **kw})
+
+    budgets = [at(max_num_batched_tokens=t) for t in (2048, 128)]
+    speculation = [at(speculate="ngram", num_speculative=4), at(max_num_seqs=1, speculate="ngram", num_speculative=4)]
+    prompt_heavy = w.input_tokens.mean() > 4 * w.output_tokens.mean()
+    out = [RuntimeSettings(), at(), *(budgets + speculation if prompt_heavy else speculation + budgets)]
+    out += [at(max_num_seqs=n) for n in (1, 2) if n < c]
     if cores >= 4:
-        out.append(RuntimeSettings(max_num_seqs=c, max_num_batched_tokens=512, prefix_cache_tokens=prefix, threads=cores // 2))
+        out.append(at(threads=cores // 2))
     seen, unique = set(), []
     for s in out:
         if s.key() not in seen:
@@ -105,16 +109,12 @@ def runtime_candidates(w: Workload, cores: int) -> list[RuntimeSettings]:
 
 
 def candidates(engines: list[Engine], w: Workload, cores: int) -> list[tuple[str, dict]]:
-    """(key, settings): every runtime candidate on the recipe's engine, then on each variant
-    engine its defaults and the two settings that most often win (the workload's concurrency,
-    with and without speculation)."""
-    runtime = runtime_candidates(w, cores)
-    out = [(f"recipe/{s.key()}", {"engine": "recipe", "runtime": s.as_dict()}) for s in runtime]
-    for e in engines[1:]:
-        for s in (runtime[0], runtime[1], runtime[-1] if runtime[-1].speculate else runtime[1]):
-            key = f"{e.name}/{s.key()}"
-            if key not in {k for k, _ in out}:
-                out.append((key, {"engine": e.name, "runtime": s.as_dict()}))
+    """(key, settings): each runtime candidate on every engine, runtime setting by runtime setting
+    (so a short budget has still seen every engine at kiln serve's defaults); the recipe's engine
+    with the defaults first, the point every gain is measured against."""
+    out = []
+    for s in runtime_candidates(w, cores):
+        out += [(f"{e.name}/{s.key()}", {"engine": e.name, "runtime": s.as_dict()}) for e in engines]
     return out
 
 
