@@ -32,7 +32,10 @@ def run(args) -> int:
 
     console = Console(stderr=True, quiet=args.quiet)
     budget = duration(args.budget)
-    schemes = tuple(s for s in (args.schemes.split(",") if args.schemes is not None else DEFAULT_SCHEMES) if s)
+    schemes = tuple(s.strip() for s in (args.schemes.split(",") if args.schemes is not None else DEFAULT_SCHEMES) if s.strip())
+    known = ("int4-rtn", "int4-awq", "int8-wo", "int8-sq", "fp8")  # gguf needs its own file: not a variant
+    if bad := [s for s in schemes if s not in known]:
+        raise KilnError(f"--schemes: unknown scheme {bad[0]!r}", f"choose from {', '.join(known)} (comma-separated)")
     with console.status("tuning") as status:
         def say(line: str) -> None:
             console.log(line)

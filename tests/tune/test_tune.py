@@ -110,3 +110,27 @@ def test_tiny_tune_end_to_end(tiny_checkpoints, tmp_path, capsys):
         resolve({}, out / "tiny", "chat")
     if line["fresh_process_gain"] is not None:
         assert line["fresh_process_gain"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workload", "chat", "--budget", "ten minutes"], "--budget 'ten minutes' is not a duration"),
+    (["--workload", "nosuch"], "no workload named 'nosuch'"),
+    (["--workload", "chat", "--schemes", "int9"], "--schemes: unknown scheme 'int9'"),
+])
+def test_bad_tune_input_is_one_line_exit_2(tiny_checkpoints, tmp_path, capsys, argv, message):
+    from compiler.cli import main
+
+    recipe = _recipe(tmp_path, tiny_checkpoints["llama"])
+    assert main(["tune", str(recipe), "--out", str(tmp_path / "arts"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "tiny.chat.yaml").exists()
+
+
+def test_tensorrt_recipes_are_refused(tiny_checkpoints, tmp_path, capsys):
+    from compiler.cli import main
+
+    recipe = _recipe(tmp_path, tiny_checkpoints["llama"], backend="tensorrt")
+    assert main(["tune", str(recipe), "--workload", "chat", "--out", str(tmp_path / "arts")]) == 2
+    assert "tunes single-rank onnxruntime cpu recipes" in capsys.readouterr().err
+    assert not (tmp_path / "arts").exists()
