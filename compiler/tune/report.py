@@ -117,9 +117,16 @@ def tuned_recipe(res: TuneResult) -> Path:
     head = (f"# Tuned by `kiln tune {res.recipe_path} --workload {res.workload.name}` "
             f"({describe(res.workload.targets)}): {chosen.key}, {res.search.gain:.2f}x the default's throughput.\n")
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(head + yaml.safe_dump(data, sort_keys=False))
+    tmp.write_text(head + yaml.safe_dump(_without_nulls(data), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+def _without_nulls(value):
+    """The recipe as a person would write it: unset (null) fields left out; they take their defaults."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def serve_settings(runtime: dict) -> dict:
@@ -129,23 +136,38 @@ def serve_settings(runtime: dict) -> dict:
 
 
 def record(res: TuneResult, summary: dict) -> Path:
-    """The choice, in the chosen artifact's kiln.json (`tuned.<workload>`) and engine card."""
-    from compiler.card import render
-    from compiler.runtime.verify import record as record_files
-
-    engine = next(e for e in res.engines if e.name == res.search.chosen.settings["engine"])
-    manifest_path = engine.artifact / "kiln.json"
-    manifest = json.loads(manifest_path.read_text())
-    runtime = res.search.chosen.settings["runtime"]
-    manifest.setdefault("tuned", {})[res.workload.name] = {
+    """The choice, in the chosen artifact's kiln.json (`tuned.<workload>`) and engine card; the
+    other candidates' artifacts lose any older record for this workload."""
+    chosen = res.search.chosen.settings
+    runtime = chosen["runtime"]
+    entry = {
         "serve": serve_settings(runtime), "speculate": runtime.get("speculate"), "num_speculative": runtime.get("num_speculative"),
         "point": summary["chosen"], "default": summary["default"], "gain": summary["gain"], "reason": summary["reason"],
         "fresh_process": summary["fresh_process"], "targets": summary["targets"], "finished": summary["finished"],
     }
-    card = engine.artifact / "README.md"
+    for e in res.engines:
+        _rewrite(e.artifact, res.workload.name, entry if e.name == chosen["engine"] else None)
+    return next(e.artifact for e in res.engines if e.name == chosen["engine"])
+
+
+def _rewrite(artifact: Path, workload: str, entry: dict | None) -> None:
+    """Set (or with None, drop) kiln.json's tuned.<workload>, re-render the card, re-record its hash."""
+    from compiler.card import render
+    from compiler.runtime.verify import record as record_files
+
+    manifest_path = artifact / "kiln.json"
+    manifest = json.loads(manifest_path.read_text())
+    tuned = manifest.get("tuned") or {}
+    if entry is None and workload not in tuned:
+        return
+    if entry is None:
+        del tuned[workload]
+    else:
+        tuned[workload] = entry
+    manifest["tuned"] = tuned
+    card = artifact / "README.md"
     card.write_text(render(manifest))
     record_files(manifest, [card])
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     tmp.replace(manifest_path)
-    return engine.artifact
