@@ -39,8 +39,6 @@ from compiler.fsutil import replace_dir
 from compiler.memory import return_freed_memory
 from compiler.passes import PassManager, plugin_ops
 from compiler.passes.base import PassRecord
-from compiler.passes.parallel.pipeline import PipelineStage
-from compiler.passes.parallel.tensor_parallel import TensorParallel
 from compiler.recipe import Recipe
 from compiler.runtime.config import EngineConfig, GenerationDefaults
 from compiler.runtime.verify import record
@@ -97,7 +95,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
             # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
             result.quality = _quality_gate(recipe, tmp, source, progress)
         result.stages["quality_gate_s"] = round(time.perf_counter() - t, 2)
-        manifest = _write_manifest(recipe, prep, result, t0, tmp, progress)
+        manifest = _write_manifest(recipe, prep, result, t0, tmp)
         replace_dir(tmp, out_root / recipe.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -173,13 +171,11 @@ def list_passes(recipe: Recipe) -> list[tuple[str, str]]:
     cfg = arch.config(ckpt.config)
     ctx = pipeline.Context(arch, cfg, ckpt, progress=False)
     if recipe.parallel.world_size > 1:
-        lay = build_ranks.layout(recipe, arch, cfg)
-        split = [PipelineStage(0, lay.stages, cfg.hidden_size), TensorParallel(arch.shards, lay.tp, 0)]
-        return pipeline.describe(pipeline.plan(recipe, dataclasses.replace(ctx, cfg=build_ranks.rank_config(cfg, lay)), split))
+        return pipeline.describe(build_ranks.rank_plan(recipe, arch, cfg, build_ranks.layout(recipe, arch, cfg), ctx, 0))
     return pipeline.describe(pipeline.plan(recipe, ctx))
 
 
-def _write_manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tmp: Path, progress: bool) -> dict:
+def _write_manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tmp: Path) -> dict:
     """kiln.json and the engine card, written into tmp last (they hash every other file)."""
     manifest = _manifest(recipe, prep, result, t0, tmp)
     if prep.layout is not None:

@@ -48,12 +48,17 @@ def rank_models(recipe, arch, cfg, ckpt, lay: Layout, ctx: pipeline.Context, dum
     """Each rank's graph after its pipeline (parallel split, then the recipe's passes), built as
     it is taken; each rank's PassManager is appended to `managers`."""
     for rank in range(lay.world_size):
-        stage, tp_rank = lay.coords(rank)
-        split = [PipelineStage(stage, lay.stages, cfg.hidden_size), TensorParallel(arch.shards, lay.tp, tp_rank)]
-        pm = PassManager(pipeline.plan(recipe, dataclasses.replace(ctx, cfg=rank_config(cfg, lay)), split),
-                         dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
+        pm = PassManager(rank_plan(recipe, arch, cfg, lay, ctx, rank), dump_dir=dump_ir / f"rank{rank}" if dump_ir else None)
         managers.append(pm)
         yield pm.run(arch.build(cfg, ckpt, recipe.max_seq))
+
+
+def rank_plan(recipe, arch, cfg, lay: Layout, ctx: pipeline.Context, rank: int) -> list:
+    """The rank's pipeline: its split (pipeline_stage, tensor_parallel), then the build's passes
+    with the model config as the rank sees it."""
+    stage, tp_rank = lay.coords(rank)
+    split = [PipelineStage(stage, lay.stages, cfg.hidden_size), TensorParallel(arch.shards, lay.tp, tp_rank)]
+    return pipeline.plan(recipe, dataclasses.replace(ctx, cfg=rank_config(cfg, lay)), split)
 
 
 def rank_spec(lay: Layout, rank: int, out: RankOutput, pm: PassManager) -> RankSpec:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from compiler.frontend.models.architecture import Architecture
-from compiler.passes import make, plugin_ops
+from compiler.passes import plugin_ops, recipe_passes
 from compiler.passes.base import Pass, PassResult
 
 
@@ -40,14 +40,9 @@ class Context:
     progress: bool = True
 
 
-def frontend(recipe) -> list[Pass]:
-    """The recipe's graph passes: what calibration graphs run too (without shape inference)."""
-    return make(recipe.passes)
-
-
 def plan(recipe, ctx: Context, rank_passes: list[Pass] = ()) -> list[Pass]:
     """Every pass of the build of `recipe` in order (rank_passes: a rank's parallel split)."""
-    passes = [*rank_passes, *frontend(recipe)]
+    passes = [*rank_passes, *recipe_passes(recipe.passes)]
     if recipe.quantization is not None:
         from compiler.passes.cleanup import DeadCodeElimination
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 def check(report: dict, rounds: int) -> dict:
     from compiler.runtime import load
-    from compiler.tune.replay import RuntimeSettings, corpus_ids, realise, replay
-    from compiler.tune.trace import make_trace
+    from compiler.tune.replay import RuntimeSettings, replay, workload_trace
     from compiler.tune.workload import load_workload
 
     w = load_workload(report["workload_file"])
@@ -28,9 +27,7 @@ def check(report: dict, rounds: int) -> dict:
         settings = report[side]["settings"]
         rs = RuntimeSettings(**settings["runtime"])
         sides[side] = (load(report["artifacts"][settings["engine"]], threads=rs.threads), rs)
-    first = sides["default"][0]
-    trace = make_trace(w, first.config.vocab_size, first.config.max_seq, frozenset(first.config.generation.eos_token_ids))
-    trace = realise(trace, corpus_ids(first), w)
+    trace = workload_trace(sides["default"][0], w)
     runs = {"default": [], "chosen": []}
     for _ in range(rounds):
         for side, (engine, rs) in sides.items():

@@ -33,7 +33,9 @@ def run(args) -> int:
     console = Console(stderr=True, quiet=args.quiet)
     budget = duration(args.budget)
     schemes = tuple(s.strip() for s in (args.schemes.split(",") if args.schemes is not None else DEFAULT_SCHEMES) if s.strip())
-    known = ("int4-rtn", "int4-awq", "int8-wo", "int8-sq", "fp8")  # gguf needs its own file: not a variant
+    from compiler.passes.quant import SCHEMES
+
+    known = [s for s in SCHEMES if s != "gguf"]  # gguf needs its own file: not a variant
     if bad := [s for s in schemes if s not in known]:
         raise KilnError(f"--schemes: unknown scheme {bad[0]!r}", f"choose from {', '.join(known)} (comma-separated)")
     with console.status("tuning") as status:

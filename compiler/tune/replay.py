@@ -22,8 +22,9 @@ import numpy as np
 from compiler.runtime.core import EngineCore, SchedulerConfig
 from compiler.runtime.generation import GenerationConfig
 from compiler.runtime.speculative import SpeculativeConfig
+from compiler.serve.settings import BUILTIN as SERVE
 from compiler.tune.pareto import Measurement
-from compiler.tune.trace import TraceRequest
+from compiler.tune.trace import TraceRequest, make_trace
 from compiler.tune.workload import Workload
 
 
@@ -31,10 +32,10 @@ from compiler.tune.workload import Workload
 class RuntimeSettings:
     """What `kiln serve` takes on its command line, for one point of the search."""
 
-    max_num_seqs: int | None = None  # None: the serve default (64 rows on CPU)
-    max_num_batched_tokens: int = 512
-    threads: int | None = None  # None: the engine's (physical cores)
-    prefix_cache_tokens: int = 4096
+    max_num_seqs: int | None = SERVE["max_num_seqs"]  # None: the core's default (64 rows on CPU)
+    max_num_batched_tokens: int = SERVE["max_num_batched_tokens"]
+    threads: int | None = SERVE["threads"]  # None: the engine's (physical cores)
+    prefix_cache_tokens: int = SERVE["prefix_cache_tokens"]
     speculate: str | None = None  # None | "ngram"
     num_speculative: int | None = None
 
@@ -139,6 +140,14 @@ def _admit(core: EngineCore, todo: deque, live: dict, w: Workload, t0: float, cl
         cfg = GenerationConfig(max_new_tokens=r.max_new_tokens, stop_token_ids=())
         rid = core.add_request(list(r.prompt), cfg)
         live[rid] = _Live(arrived, arrived)
+
+
+def workload_trace(engine, w: Workload) -> list[TraceRequest]:
+    """The workload's seeded trace for this engine: its lengths within max_seq, its end-of-sequence
+    ids never in a prompt, the prompts realised as text."""
+    cfg = engine.config
+    trace = make_trace(w, cfg.vocab_size, cfg.max_seq, frozenset(cfg.generation.eos_token_ids))
+    return realise(trace, corpus_ids(engine), w)
 
 
 def corpus_ids(engine, chars: int = 400_000) -> np.ndarray:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from compiler.serve.settings import BUILTIN
 from compiler.tune.pareto import Point, describe, primary_metric
 from compiler.tune.tune import TuneResult
 
@@ -131,8 +132,7 @@ def _without_nulls(value):
 
 def serve_settings(runtime: dict) -> dict:
     """The runtime settings a recipe's `serve:` and kiln serve take (speculation is `speculative:`)."""
-    keys = ("max_num_seqs", "max_num_batched_tokens", "prefix_cache_tokens", "threads")
-    return {k: runtime[k] for k in keys if runtime.get(k) is not None}
+    return {k: runtime[k] for k in BUILTIN if runtime.get(k) is not None}
 
 
 def record(res: TuneResult, summary: dict) -> Path:

@@ -20,8 +20,7 @@ from typing import Callable
 from compiler.errors import KilnError
 from compiler.recipe import Recipe, load_recipe, parse_recipe
 from compiler.tune.pareto import Search, SearchResult
-from compiler.tune.replay import RuntimeSettings, corpus_ids, realise, replay
-from compiler.tune.trace import make_trace
+from compiler.tune.replay import RuntimeSettings, replay, workload_trace
 from compiler.tune.workload import Workload, load_workload, workload_path
 
 MAX_PPL_INCREASE_PCT = 15.0  # the gate of quantised candidates when the recipe sets none
@@ -54,8 +53,7 @@ def variants(recipe: Recipe, schemes: tuple[str, ...]) -> list[tuple[str, Recipe
         return out  # already quantised: its own scheme is the candidate
     data = recipe.resolved()
     quality = {**data.get("quality", {}), "gate": True}
-    quality.setdefault("max_ppl_increase_pct", None)
-    if quality["max_ppl_increase_pct"] is None:
+    if quality.get("max_ppl_increase_pct") is None:
         quality["max_ppl_increase_pct"] = MAX_PPL_INCREASE_PCT
     for scheme in schemes:
         variant = {**data, "name": f"{recipe.name}-{scheme}", "quantization": {"scheme": scheme}, "quality": quality}
@@ -100,12 +98,7 @@ def runtime_candidates(w: Workload, cores: int) -> list[RuntimeSettings]:
     out += [at(max_num_seqs=n) for n in (1, 2) if n < c]
     if cores >= 4:
         out.append(at(threads=cores // 2))
-    seen, unique = set(), []
-    for s in out:
-        if s.key() not in seen:
-            seen.add(s.key())
-            unique.append(s)
-    return unique
+    return list({s.key(): s for s in out}.values())  # in order; a key names every field
 
 
 def candidates(engines: list[Engine], w: Workload, cores: int) -> list[tuple[str, dict]]:
@@ -138,10 +131,7 @@ def tune(recipe_path: Path, workload_spec: str, out_root: Path, budget_s: float,
             e.loaded[threads] = load(e.artifact, threads=threads)
         return e.loaded[threads]
 
-    first = engine_of("recipe", None)
-    eos = frozenset(first.config.generation.eos_token_ids)
-    trace = make_trace(w, first.config.vocab_size, first.config.max_seq, eos)
-    trace = realise(trace, corpus_ids(first), w)
+    trace = workload_trace(engine_of("recipe", None), w)
 
     def measure(settings: dict):
         rs = RuntimeSettings(**settings["runtime"])

@@ -31,12 +31,16 @@ class OnnxRuntimeBackend:
         self.recipe, self.facts, self.progress = recipe, facts, progress  # num_heads: the graph says it
 
     @property
+    def graph_flavour(self) -> str:
+        """What the graph became: standard, float16, ort-contrib, ort-contrib float16, ..."""
+        o = self.recipe.onnxruntime
+        half = "" if o.precision == "float32" else o.precision
+        return " ".join(filter(None, ["ort-contrib" if o.graph == "contrib" else "", half])) or "standard"
+
+    @property
     def flavour(self) -> str:
-        o, p = self.recipe.onnxruntime, self.recipe.parallel
-        flavour = o.precision if o.precision != "float32" else "standard"
-        if o.graph == "contrib":
-            flavour = f"ort-contrib {o.precision}" if o.precision != "float32" else "ort-contrib"
-        return f"{flavour} tp={p.tp} pp={p.pp}" if p.world_size > 1 else flavour
+        p = self.recipe.parallel
+        return f"{self.graph_flavour} tp={p.tp} pp={p.pp}" if p.world_size > 1 else self.graph_flavour
 
     def check(self, model: ir.Model) -> None:
         """ONNX Runtime runs any standard or contrib graph kiln emits: nothing to refuse."""
@@ -63,7 +67,7 @@ class OnnxRuntimeBackend:
             outputs=[TensorSpec("logits", "float32", ["batch", "logits", f.vocab_size])],
             kv_cache=KVCacheSpec(f.num_layers, f.num_kv_heads, f.head_dim, r.max_seq),
             max_batch=r.max_batch, max_seq=r.max_seq, vocab_size=f.vocab_size, session=self.session(),
-            generation=f.generation, graph_flavour=self.flavour.split(" tp=")[0], parallel=parallel)
+            generation=f.generation, graph_flavour=self.graph_flavour, parallel=parallel)
 
     def record(self, engine: EngineConfig) -> dict:
         import onnxruntime

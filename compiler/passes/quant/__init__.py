@@ -28,6 +28,9 @@ _PASSES = {"int4-rtn": Int4Rtn, "int4-awq": Int4Awq, "int8-wo": Int8WeightOnly, 
            "fp8": Fp8, "gguf": GgufGrids}
 
 
+SCHEMES = tuple(_PASSES)  # what a recipe's quantization.scheme may say
+
+
 def scheme_pass_name(cfg) -> str:
     """The name the scheme's pass goes by in the pipeline (quantize_int4_awq, ...)."""
     return _PASSES[cfg.scheme].name

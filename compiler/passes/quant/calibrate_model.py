@@ -8,7 +8,7 @@ graph. Statistics are collected layer by layer (calibration.collect).
 from __future__ import annotations
 
 from compiler.frontend.checkpoint import Checkpoint
-from compiler.passes import PassManager, make
+from compiler.passes import PassManager, recipe_passes
 from compiler.passes.quant.calibration import CalibrationConfig, calibration_tokens, collect
 
 
@@ -31,5 +31,5 @@ def _collect(recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -> dict:
     cal = recipe.quantization.calibration
     cc = CalibrationConfig(source=cal.source, samples=cal.samples, seq_len=cal.seq_len)
     tokens = calibration_tokens(ckpt.root / "tokenizer.json", cc)  # [samples, seq_len]
-    graph = PassManager(make([p for p in recipe.passes if p != "shape_inference"])).run(arch.build(cfg, ckpt, cal.seq_len))
+    graph = PassManager(recipe_passes(recipe.passes, calibration=True)).run(arch.build(cfg, ckpt, cal.seq_len))
     return collect(graph, tokens, progress=progress)
