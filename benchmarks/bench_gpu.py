@@ -61,8 +61,8 @@ def random_llama(out: Path) -> Path:
 
 
 def build(source: Path, name: str, precision: str, int4: bool, out: Path, max_seq: int) -> Path:
-    from compiler.build import build as kiln_build
-    from compiler.recipe import parse_recipe
+    from compiler.build.driver import build as kiln_build
+    from compiler.build.recipe import parse_recipe
 
     recipe = {"schema": 1, "name": name, "source": str(source), "max_seq": max_seq, "max_batch": 8,
               "onnxruntime": {"device": "cuda", "precision": precision, "graph": "contrib"}}

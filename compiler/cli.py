@@ -15,8 +15,8 @@ from pathlib import Path
 
 
 def _build(args) -> int:
-    from compiler.build import build
-    from compiler.recipe import load_recipe, parse_recipe
+    from compiler.build.driver import build
+    from compiler.build.recipe import load_recipe, parse_recipe
 
     recipe = load_recipe(args.recipe)
     overrides = {k: v for k, v in (("max_seq", args.max_seq), ("max_batch", args.max_batch)) if v is not None}
@@ -42,7 +42,7 @@ def _build(args) -> int:
 
 def _list_passes(recipe, args) -> int:
     """The build's pipeline, one pass a line (nothing is built, read or calibrated)."""
-    from compiler.build import list_passes
+    from compiler.build.driver import list_passes
 
     passes = list_passes(recipe)
     if args.json:
@@ -168,19 +168,18 @@ def _serve(args) -> int:
                             speculative=resolve(spec["speculate"], engine, spec["num_speculative"]))
     app = create_app(engine, name, args.max_queue, sched)
     if not args.quiet:
-        core = app.state.batcher.core
-        kv = (f"KV budget {core.blocks.capacity * core.blocks.block_tokens} tokens in {core.blocks.budget_gib} GiB, "
-              if core.blocks is not None else "")
-        print(f"serving {name} on http://{args.host}:{args.port}/v1 ({core.rows.rows} sequences of up to {engine.config.max_seq} "
+        use = app.state.batcher.core.kv.usage()
+        kv = f"KV budget {use.budget_tokens} tokens in {use.budget_gib} GiB, " if use.block_tokens is not None else ""
+        print(f"serving {name} on http://{args.host}:{args.port}/v1 ({use.rows} sequences of up to {engine.config.max_seq} "
               f"tokens, {kv}{sched.max_num_batched_tokens} tokens a step, prefix cache "
-              f"{sched.prefix_cache_tokens if core.prefix else 0} tokens, queue {args.max_queue}"
+              f"{use.prefix_tokens} tokens, queue {args.max_queue}"
               f"{', speculative ' + sched.speculative.method if sched.speculative else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
 
 
 def _publish(args) -> int:
-    from compiler.publish import publish
+    from compiler.ship.publish import publish
 
     out = publish(Path(args.artifact), args.ref)
     print(json.dumps(out) if args.json else f"published {args.artifact} -> {out['ref']}" +
@@ -189,7 +188,7 @@ def _publish(args) -> int:
 
 
 def _pull(args) -> int:
-    from compiler.publish import pull
+    from compiler.ship.publish import pull
 
     dest = pull(args.ref, Path(args.dir))
     if args.json or not args.quiet:
@@ -198,7 +197,7 @@ def _pull(args) -> int:
 
 
 def _export(args) -> int:
-    from compiler.export_triton import TritonOptions, export
+    from compiler.ship.export_triton import TritonOptions, export
 
     opts = TritonOptions(name=args.name, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
                          decoupled=not args.no_stream, copy=args.copy)
@@ -208,7 +207,7 @@ def _export(args) -> int:
 
 
 def _package(args) -> int:
-    from compiler.package import package
+    from compiler.ship.package import package
 
     archive, sums = package(Path(args.artifact), Path(args.out) if args.out else None)
     if args.json:
@@ -219,7 +218,7 @@ def _package(args) -> int:
 
 
 def _support(args) -> int:
-    from compiler import support
+    from compiler.ship import support
 
     t = support.table()
     print(json.dumps(t, indent=2) if args.json else support.text(t))
@@ -227,7 +226,7 @@ def _support(args) -> int:
 
 
 def _inspect(args) -> int:
-    from compiler.inspect_artifact import inspect_artifact
+    from compiler.ship.inspect_artifact import inspect_artifact
 
     info = inspect_artifact(Path(args.artifact))
     print(json.dumps(info, indent=2) if args.json else info["text"])
@@ -235,7 +234,7 @@ def _inspect(args) -> int:
 
 
 def _eval(args) -> int:
-    from compiler.evaluate import evaluate
+    from compiler.build.evaluate import evaluate
 
     res = evaluate(Path(args.artifact), Path(args.reference) if args.reference else None,
                    Path(args.text) if args.text else None, window=args.window, threads=args.threads,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compiler.runtime.verify import is_file_name  # noqa: F401  (the runtime owns it: it verifies artifacts)
 
-# the recipe's `name` field (compiler/recipe.py): what an artifact directory may be called
+# the recipe's `name` field (compiler/build/recipe.py): what an artifact directory may be called
 ARTIFACT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 

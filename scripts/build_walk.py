@@ -20,8 +20,8 @@ from pathlib import Path
 
 def walk(recipe_path: Path, root: Path) -> dict:
     sys.path.insert(0, str(root))
-    from compiler.build import build
-    from compiler.recipe import load_recipe
+    from compiler.build.driver import build
+    from compiler.build.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     tops = tuple(str(root / d) + "/" for d in ("compiler", "plugins"))

@@ -41,10 +41,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from compiler.support import SCHEMA  # noqa: E402
+from compiler.ship.support import SCHEMA  # noqa: E402
 from tests.tiny_models import BERT_ARCHS, english_text, make_bert, make_tiny  # noqa: E402
 
-MATRIX = ROOT / "compiler" / "support_matrix.json"  # what `kiln support` reads (compiler/support.py)
+MATRIX = ROOT / "compiler" / "ship" / "support_matrix.json"  # what `kiln support` reads (compiler/ship/support.py)
 GREEDY_TOKENS = 16
 PROMPT = english_text()[1000:1200]
 TRT_TARGETS = ["SM80", "SM89"]
@@ -132,8 +132,8 @@ class Workshop:
 
     def artifact(self, cell: Cell, flavour: str, **fields) -> Path:
         """Build (or reuse, by kiln's own build cache) the cell's checkpoint as engine MODEL-flavour."""
-        from compiler.build import build
-        from compiler.recipe import parse_recipe
+        from compiler.build.driver import build
+        from compiler.build.recipe import parse_recipe
 
         src, name = self.checkpoint(cell.model), f"{cell.model}-{flavour}".lower()
         recipe = parse_recipe({"schema": 1, "name": name, "source": str(src), "max_seq": 256, "max_batch": 2, **fields})

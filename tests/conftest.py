@@ -25,8 +25,8 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def build_artifact(source: Path, out_root: Path, name: str, **fields) -> Path:
-    from compiler.build import build
-    from compiler.recipe import parse_recipe
+    from compiler.build.driver import build
+    from compiler.build.recipe import parse_recipe
 
     recipe = parse_recipe({"schema": 1, "name": name, "source": str(source), "max_seq": 256, "max_batch": 4, **fields})
     build(recipe, out_root, progress=False)

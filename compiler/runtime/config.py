@@ -104,6 +104,27 @@ class ParallelSpec:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What the engine's session can do, declared by the backend that built it; the engine
+    core reads these and nothing else to decide how to drive a session (runtime/session_api.py)."""
+
+    sliceable: bool = True  # a call may bind a span of cache rows; else every row, every call
+    paged: bool = True  # host KV rows, paged by the OS: a released row's pages go back, prefix blocks copy in
+    logits_at_every_position: bool = True  # logits_positions [B, K] may name any column (speculative verify)
+    samples: bool = False  # the graph ends in kiln::Sample: a step returns next tokens, no logits
+    multi_token_rows: bool = True  # one call may feed several rows several tokens each over a past
+
+
+def legacy_capabilities(d: dict) -> Capabilities:
+    """The capabilities of an engine.json written before they were declared, derived once, here."""
+    host = d.get("backend") == "onnxruntime" and not d.get("parallel") and \
+        d.get("session", {}).get("execution_provider", "CPUExecutionProvider") == "CPUExecutionProvider"
+    names = {t["name"] for t in d.get("inputs", [])}
+    return Capabilities(sliceable=host, paged=host, samples={"temperature", "top_k", "top_p", "draws"} <= names,
+                        multi_token_rows="ort-contrib" not in str(d.get("graph_flavour", "")).split())
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     backend: str
     model_file: str
@@ -121,6 +142,7 @@ class EngineConfig:
     parallel: ParallelSpec | None = None  # multi-rank engines only (kv_cache then holds one rank's heads)
     speculative: dict | None = None  # the recipe's speculative section: the runtime's default (runtime/speculative.py)
     serve: dict | None = None  # the recipe's serve section: kiln serve's defaults (serve/settings.py)
+    capabilities: Capabilities = Capabilities()  # what the session can do (see Capabilities)
     format: int = ENGINE_FORMAT
 
     def to_json(self) -> str:
@@ -157,6 +179,7 @@ class EngineConfig:
                 "generation": GenerationDefaults(**d["generation"]),
                 "tensorrt": TensorRTSpec(**d["tensorrt"]) if d.get("tensorrt") else None,
                 "parallel": _parallel(d.get("parallel")),
+                "capabilities": Capabilities(**d["capabilities"]) if "capabilities" in d else legacy_capabilities(d),
             }
         )
 

@@ -15,20 +15,33 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compiler.runtime.config import EngineConfig
+from compiler.runtime.config import Capabilities, EngineConfig
 from compiler.runtime.session import DecoderSession, KVCache
+from compiler.runtime.session_api import last_column, no_sampling, whole_cache
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class CudaDecoderSession(DecoderSession):
+    """The Session of ONNX Runtime on CUDA: device rows, every row bound each call."""
+
+    SUPPORTS = Capabilities(sliceable=False, paged=False)
+    KIND = "ONNX Runtime CUDA"
+
     def __init__(self, engine_dir: Path, cfg: EngineConfig, config_entries: dict | None = None):
         super().__init__(engine_dir, cfg, 1, config_entries)
         self.device_id = int(cfg.session.provider_options.get("device_id", 0))
         if cfg.kv_cache.dtype not in _DTYPES:
             raise ValueError(f"KV cache dtype {cfg.kv_cache.dtype} has no numpy type for IO binding; build float16")
 
-    cache_rows = None  # device buffers: a step binds every row (see runtime/rows.py)
+    def cache_rows(self, cache: KVCache, lo: int, hi: int) -> KVCache:
+        return whole_cache(cache, lo, hi)  # device buffers: a step binds every row (see runtime/rows.py)
+
+    def release_row(self, cache: KVCache, row: int) -> None:
+        """Device rows are allocated whole: nothing goes back."""
+
+    def kv_arrays(self, cache: KVCache) -> list[np.ndarray]:
+        raise ValueError("a CUDA engine's KV cache is device memory: no host arrays")
 
     def _device(self, shape, dtype) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_shape_and_type(tuple(shape), dtype, "cuda", self.device_id)
@@ -49,10 +62,10 @@ class CudaDecoderSession(DecoderSession):
         return CudaBinding(self, io, cache.batch)
 
     def step(self, binding: "CudaBinding", input_ids: np.ndarray, position_ids: np.ndarray,
-             logits_positions: np.ndarray | None = None) -> np.ndarray:
+             logits_positions: np.ndarray | None = None, sampling: dict | None = None) -> np.ndarray:
+        no_sampling(sampling)
         B, S = input_ids.shape
-        if logits_positions is None:
-            logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
+        logits_positions = last_column(input_ids, logits_positions)
         for name, value in (("input_ids", input_ids), ("position_ids", position_ids), ("logits_positions", logits_positions)):
             binding.set_input(name, value)
         logits = binding.logits((B, logits_positions.shape[1], self.cfg.vocab_size))

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compiler.runtime.config import EngineConfig, ParallelSpec, RankSpec
+from compiler.runtime.config import Capabilities, EngineConfig, ParallelSpec, RankSpec
 from compiler.runtime.session import physical_cores, session_options
+from compiler.runtime.session_api import checked, last_column, no_sampling, whole_cache
 
 KV_INPUTS = ("past_key.", "past_value.")
 
@@ -54,10 +55,13 @@ class RankCache:
 
 
 class DistributedSession:
-    """The session interface of DecoderSession (new_cache / binding / step) for one rank."""
+    """The Session (runtime/session_api.py) of one rank: every row bound, each call on every rank."""
+
+    SUPPORTS = Capabilities(sliceable=False, paged=False)
 
     def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.cfg, spec = cfg, cfg.parallel
+        self.capabilities = checked(cfg.capabilities, self.SUPPORTS, "multi-rank")
         if cfg.backend != "onnxruntime":
             raise LayoutMismatch(f"this is a {spec.world_size}-rank {cfg.backend} engine: its collectives run on NCCL between "
                                  "NVIDIA GPUs, which this runtime does not drive yet; build with backend: onnxruntime to run on CPUs")
@@ -87,6 +91,15 @@ class DistributedSession:
         arrays = [np.zeros((batch, kv.num_kv_heads, kv.max_seq, kv.head_dim), dtype=kv.dtype) for _ in names]
         return RankCache(batch, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in zip(names, arrays)}, arrays)
 
+    def cache_rows(self, cache: RankCache, lo: int, hi: int) -> RankCache:
+        return whole_cache(cache, lo, hi)
+
+    def release_row(self, cache: RankCache, row: int) -> None:
+        """Rows are plain arrays held whole: nothing goes back."""
+
+    def kv_arrays(self, cache: RankCache) -> list[np.ndarray]:
+        raise ValueError("a multi-rank engine holds only its own layers' KV: no whole-model host arrays")
+
     def binding(self, cache: RankCache) -> dict[str, tuple[ort.IOBinding, list]]:
         """Per part: an IO binding with its layers' caches bound as inputs, and the (present
         name, buffer) pairs its outputs are bound to on every call: the cache is updated in place."""
@@ -102,12 +115,12 @@ class DistributedSession:
         return out
 
     def step(self, binding: dict, input_ids: np.ndarray, position_ids: np.ndarray,
-             logits_positions: np.ndarray | None = None) -> np.ndarray:
+             logits_positions: np.ndarray | None = None, sampling: dict | None = None) -> np.ndarray:
         """The rank's share of one engine call; returns logits [B, K, V] on every rank."""
+        no_sampling(sampling)
         spec, dist = self.cfg.parallel, self.dist
         B, S = input_ids.shape
-        if logits_positions is None:
-            logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
+        logits_positions = last_column(input_ids, logits_positions)
         env = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
                "logits_positions": np.ascontiguousarray(logits_positions, dtype=np.int64)}

@@ -38,7 +38,7 @@ class DraftProposer:
                 or _tokenizer_digest(path) != _tokenizer_digest(target.path)):
             raise ValueError(f"draft {path} has another tokenizer than the target {target.path}; a draft must share it "
                              f"(for example an int4 build of the same checkpoint)")
-        if getattr(self.engine.session, "cache_rows", None) is None:
+        if not self.engine.session.capabilities.sliceable:
             raise ValueError(f"draft {path} runs on {self.engine.config.session.execution_provider}; drafts run on CPU engines")
         self.rows = RowPool(self.engine.session, rows)
         self.seqs: dict[int, list[int]] = {}  # request id -> [row, tokens fed]

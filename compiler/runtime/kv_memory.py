@@ -46,9 +46,9 @@ class PagedArray:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def resident_bytes(arrays: list[PagedArray]) -> int:
+def resident_bytes(arrays: list[np.ndarray]) -> int:
     """Bytes of these mappings that are in memory now (from /proc/self/smaps; 0 if unreadable)."""
-    starts = {a.array.ctypes.data for a in arrays}
+    starts = {a.ctypes.data for a in arrays}  # each a whole PagedArray.array (a mapping of its own)
     total, take = 0, False
     try:
         with open("/proc/self/smaps") as f:

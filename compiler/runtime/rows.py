@@ -4,7 +4,7 @@ An engine's cache is [rows, kv_heads, max_seq, head_dim] per layer, and each row
 so a step can bind just the rows it needs: a decode step binds rows [0, hi) (the lowest rows are
 handed out first, so running sequences cluster there) and a prefill chunk binds its one row. A
 session that cannot bind part of its cache (CUDA, TensorRT, multi-rank) binds every row each
-step; rows without work in a bound range are fed a harmless dummy token (see `EngineCore`).
+step; rows without work in a bound range are fed a harmless dummy token (see `ModelRunner`).
 Host rows are reserved address space, committed page by page as they are written and handed
 back on release (`runtime/kv_memory.py`), so many rows cost only what their sequences hold.
 """
@@ -42,7 +42,7 @@ class RowPool:
     def __init__(self, session, rows: int):
         self.session, self.rows = session, rows
         self.cache = session.new_cache(rows)
-        self.sliceable = getattr(session, "cache_rows", None) is not None
+        self.sliceable = session.capabilities.sliceable
         self._free = list(range(rows))  # a heap: the lowest free row first
         self._bindings: OrderedDict[tuple[int, int], object] = OrderedDict()
 
@@ -54,9 +54,7 @@ class RowPool:
         return heapq.heappop(self._free) if self._free else None
 
     def release(self, row: int) -> None:
-        release = getattr(self.cache, "release_row", None)
-        if release is not None:  # host memory: the row's pages go back to the OS
-            release(row)
+        self.session.release_row(self.cache, row)  # host memory: the row's pages go back to the OS
         heapq.heappush(self._free, row)
 
     def span(self, lo: int, hi: int) -> tuple[int, int]:

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compiler.runtime.config import EngineConfig, SessionConfig
+from compiler.runtime.config import Capabilities, EngineConfig, InvalidEngineConfig, SessionConfig
 from compiler.runtime.kv_memory import PagedArray
+from compiler.runtime.session_api import SAMPLING_INPUTS, checked, last_column
 
 
 def physical_cores() -> int:
@@ -80,6 +81,11 @@ def session_options(cfg: SessionConfig, threads: int | None = None, config_entri
 
 
 class DecoderSession:
+    """The Session (runtime/session_api.py) of ONNX Runtime on the CPU: host KV rows, paged."""
+
+    SUPPORTS = Capabilities(sliceable=True, paged=True, samples=True)
+    KIND = "ONNX Runtime CPU"
+
     def __init__(self, engine_dir: Path, cfg: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.cfg = cfg
         so = session_options(cfg.session, threads, config_entries)
@@ -87,8 +93,12 @@ class DecoderSession:
         self.threads = so.intra_op_num_threads
         provider = (cfg.session.execution_provider, dict(cfg.session.provider_options))
         self.session = ort.InferenceSession(str(engine_dir / cfg.model_file), so, providers=[provider])
+        self.capabilities = checked(cfg.capabilities, self.SUPPORTS, self.KIND)
         names = {i.name for i in self.session.get_inputs()}
-        self.samples = all(n in names for n in SAMPLING_INPUTS)  # the engine ends in kiln::Sample (plugins/sample)
+        self._sampling_inputs = set(SAMPLING_INPUTS) <= names  # the graph ends in kiln::Sample (plugins/sample)
+        if self._sampling_inputs != self.capabilities.samples:
+            raise InvalidEngineConfig(f"engine.json says samples={self.capabilities.samples} but {cfg.model_file} "
+                                      f"{'has' if self._sampling_inputs else 'lacks'} kiln::Sample's inputs; rebuild the artifact")
 
     def new_cache(self, batch: int) -> KVCache:
         kv = self.cfg.kv_cache
@@ -103,6 +113,13 @@ class DecoderSession:
         views = [a[lo:hi] for a in cache._arrays]
         vals = [ort.OrtValue.ortvalue_from_numpy(v) for v in views]
         return KVCache(hi - lo, vals[0::2], vals[1::2], views)
+
+    def release_row(self, cache: KVCache, row: int) -> None:
+        cache.release_row(row)
+
+    def kv_arrays(self, cache: KVCache) -> list[np.ndarray]:
+        """The host arrays of every layer, keys and values interleaved: [rows, kv_heads, max_seq, head_dim]."""
+        return cache._arrays
 
     def binding(self, cache: KVCache) -> "Binding":
         kv, io = self.cfg.kv_cache, self.session.io_binding()
@@ -122,22 +139,20 @@ class DecoderSession:
         array is the bound output buffer: valid until the next step.
         sampling (engines that sample, see `samples`): temperature, top_k, top_p, draws [B];
         the step then returns next_tokens [B] int64 and no logits leave the engine."""
-        B, S = input_ids.shape
-        if logits_positions is None:
-            logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
+        B = input_ids.shape[0]
+        logits_positions = last_column(input_ids, logits_positions)
+        if sampling is not None and not self._sampling_inputs:
+            raise ValueError("this engine does not sample in its graph (capabilities.samples is false)")
         binding.set_input("input_ids", input_ids)
         binding.set_input("position_ids", position_ids)
         binding.set_input("logits_positions", logits_positions)
-        if self.samples:
+        if self._sampling_inputs:
             for name, value in (sampling or greedy_sampling(B)).items():
                 binding.set_input(name, value, SAMPLING_INPUTS[name])
         out = binding.tokens_buffer(B) if sampling is not None else binding.logits_buffer(
             (B, logits_positions.shape[1], self.cfg.vocab_size))
         self.session.run_with_iobinding(binding.io)
         return out
-
-
-SAMPLING_INPUTS = {"temperature": np.float32, "top_k": np.int64, "top_p": np.float32, "draws": np.float32}
 
 
 def greedy_sampling(batch: int) -> dict:

@@ -138,7 +138,7 @@ class Speculator:
         if cfg.method == "draft":
             from compiler.runtime.draft import DraftProposer
 
-            self.draft = DraftProposer(engine, cfg.draft, rows, getattr(engine.session, "threads", None))
+            self.draft = DraftProposer(engine, cfg.draft, rows, engine.session.threads)
 
     def propose(self, request_id: int, tokens: list[int], room: int) -> list[int]:
         """Proposals after `tokens` (the sequence, its pending last token included); room: how
@@ -186,7 +186,7 @@ def resolve(speculate, engine, num_speculative: int | None = None) -> Speculativ
     None (the default), "off", "ngram", "draft" (the default's draft), Draft(path) or a
     SpeculativeConfig; num_speculative overrides k. A draft given by name is looked up beside
     the engine's artifact when it is not a path from here."""
-    base = dict(getattr(engine.config, "speculative", None) or {})
+    base = dict(engine.config.speculative or {})
     if isinstance(speculate, SpeculativeConfig):
         cfg = speculate
     elif speculate is None:

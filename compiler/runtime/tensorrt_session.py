@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.runtime.config import EngineConfig
+from compiler.runtime.config import Capabilities, EngineConfig
 from compiler.runtime.plan import read_header
+from compiler.runtime.session_api import checked, last_column, no_sampling, whole_cache
 
 
 class EngineUnavailable(ValueError):
@@ -53,8 +54,14 @@ class TrtKVCache:
 
 
 class TensorRTSession:
+    """The Session (runtime/session_api.py) of a TensorRT engine: device rows, every row bound."""
+
+    SUPPORTS = Capabilities(sliceable=False, paged=False)
+    threads = None  # not a CPU session
+
     def __init__(self, engine_dir: Path, cfg: EngineConfig):
         self.cfg = cfg
+        self.capabilities = checked(cfg.capabilities, self.SUPPORTS, "TensorRT")
         self.trt, self.torch = _open(cfg)
         plan = (engine_dir / cfg.model_file).read_bytes()
         read_header(plan[:64])  # refuses a file that is not a TensorRT plan
@@ -72,6 +79,15 @@ class TensorRTSession:
         make = lambda: torch.zeros(shape, dtype=self.dtype, device="cuda")  # noqa: E731
         return TrtKVCache(batch, [make() for _ in range(kv.num_layers)], [make() for _ in range(kv.num_layers)])
 
+    def cache_rows(self, cache: TrtKVCache, lo: int, hi: int) -> TrtKVCache:
+        return whole_cache(cache, lo, hi)
+
+    def release_row(self, cache: TrtKVCache, row: int) -> None:
+        """Device rows are allocated whole: nothing goes back."""
+
+    def kv_arrays(self, cache: TrtKVCache) -> list[np.ndarray]:
+        raise ValueError("a TensorRT engine's KV cache is device memory: no host arrays")
+
     def binding(self, cache: TrtKVCache) -> "TrtBinding":
         kv = self.cfg.kv_cache
         for i in range(kv.num_layers):
@@ -82,11 +98,11 @@ class TensorRTSession:
         return TrtBinding(self)
 
     def step(self, binding: "TrtBinding", input_ids: np.ndarray, position_ids: np.ndarray,
-             logits_positions: np.ndarray | None = None) -> np.ndarray:
+             logits_positions: np.ndarray | None = None, sampling: dict | None = None) -> np.ndarray:
         """Same contract as DecoderSession.step: logits [B, K, V] at logits_positions [B, K]."""
-        B, S = input_ids.shape
-        if logits_positions is None:
-            logits_positions = np.full((B, 1), S - 1, dtype=np.int64)
+        no_sampling(sampling)
+        B = input_ids.shape[0]
+        logits_positions = last_column(input_ids, logits_positions)
         for name, value in (("input_ids", input_ids), ("position_ids", position_ids), ("logits_positions", logits_positions)):
             binding.set_input(name, value)
         logits = binding.logits((B, logits_positions.shape[1], self.cfg.vocab_size))

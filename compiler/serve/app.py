@@ -22,7 +22,7 @@ from compiler.runtime.engine import Engine, Generation, GenerationConfig
 from compiler.serve.jobs import Job, Overloaded, Unavailable
 from compiler.serve.metrics import Metrics
 from compiler.serve.reply import JobStream, Reply, failure
-from compiler.serve.scheduler import Scheduler
+from compiler.serve.worker import EngineWorker
 
 
 class _Params(BaseModel):
@@ -71,7 +71,7 @@ def create_app(engine: Engine, name: str, max_queue: int = 64, scheduler: Schedu
     """Requests join the running batch as KV rows free up and are answered as they finish;
     scheduler: rows, the per-step token budget and the prefix cache (runtime/core.py)."""
     metrics = Metrics()
-    batcher = Scheduler(engine, max_queue, scheduler, metrics)
+    batcher = EngineWorker(engine, max_queue, scheduler, metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

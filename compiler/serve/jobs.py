@@ -1,5 +1,5 @@
 """What the HTTP side hands the engine: a Job (prompt ids, settings, a reply queue, a cancel
-flag), and the Worker base of the server's scheduler (serve/scheduler.py).
+flag), and the Worker base of the server's engine worker (serve/worker.py).
 
 A Worker owns a bounded queue and one thread. The thread never dies of a request: the loops
 report a failing request's exception to that request and go on. If the thread ends anyway (a

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from compiler.runtime.kv_memory import resident_bytes
-
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -39,17 +37,17 @@ class Metrics:
 
     def engine_state(self, core) -> None:
         """Set the engine core's gauges (at scrape time)."""
-        g, rows = self.gauges, core.rows
-        g["running_sequences"].set(len(core.running))
-        g["waiting_sequences"].set(len(core.waiting))
-        g["kv_rows_used"].set(rows.rows - rows.free)
-        g["kv_rows_free"].set(rows.free)
-        if core.blocks is not None:
-            g["kv_blocks_used"].set(core.blocks.used)
-            g["kv_blocks_free"].set(core.blocks.free)
-            g["kv_resident_bytes"].set(resident_bytes(getattr(rows.cache, "_paged", [])))
-        g["prefix_cache_hit_rate"].set(core.prefix.hit_rate if core.prefix else 0.0)
-        g["prefix_cache_blocks_used"].set(core.prefix.used_blocks if core.prefix else 0)
+        g, kv = self.gauges, core.kv.usage()
+        g["running_sequences"].set(len(core.scheduler.running))
+        g["waiting_sequences"].set(len(core.scheduler.waiting))
+        g["kv_rows_used"].set(kv.rows - kv.free_rows)
+        g["kv_rows_free"].set(kv.free_rows)
+        if kv.block_tokens is not None:
+            g["kv_blocks_used"].set(kv.blocks_used)
+            g["kv_blocks_free"].set(kv.blocks_free)
+            g["kv_resident_bytes"].set(core.kv.resident_bytes())
+        g["prefix_cache_hit_rate"].set(kv.prefix_hit_rate)
+        g["prefix_cache_blocks_used"].set(kv.prefix_blocks_used)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

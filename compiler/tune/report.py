@@ -152,7 +152,7 @@ def record(res: TuneResult, summary: dict) -> Path:
 
 def _rewrite(artifact: Path, workload: str, entry: dict | None) -> None:
     """Set (or with None, drop) kiln.json's tuned.<workload>, re-render the card, re-record its hash."""
-    from compiler.card import render
+    from compiler.build.card import render
     from compiler.runtime.verify import record as record_files
 
     manifest_path = artifact / "kiln.json"

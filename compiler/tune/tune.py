@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from compiler.errors import KilnError
-from compiler.recipe import Recipe, load_recipe, parse_recipe
+from compiler.build.recipe import Recipe, load_recipe, parse_recipe
 from compiler.tune.pareto import Search, SearchResult
 from compiler.tune.replay import RuntimeSettings, replay, workload_trace
 from compiler.tune.workload import Workload, load_workload, workload_path
@@ -63,7 +63,7 @@ def variants(recipe: Recipe, schemes: tuple[str, ...]) -> list[tuple[str, Recipe
 
 def build_candidates(recipe: Recipe, schemes: tuple[str, ...], out_root: Path, say: Callable[[str], None]) -> tuple[list[Engine], list[str]]:
     """Build (or find up to date) each variant; the ones whose gate fails are dropped with why."""
-    from compiler.build import build
+    from compiler.build.driver import build
 
     engines, dropped = [], []
     for name, r in variants(recipe, schemes):

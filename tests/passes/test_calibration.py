@@ -145,8 +145,8 @@ def test_calibration_windows_are_disjoint_from_the_evaluation_window(tiny_checkp
     quality gate encode it: after every position the default evaluation windows score."""
     import inspect
 
-    from compiler.evaluate import default_text, evaluate
-    from compiler.recipe import QualityLimits
+    from compiler.build.evaluate import default_text, evaluate
+    from compiler.build.recipe import QualityLimits
     from compiler.runtime.text import Text
 
     src = tiny_checkpoints["llama"]
@@ -169,7 +169,7 @@ def test_a_recipe_whose_quality_window_overlaps_calibration_is_refused(tmp_path,
     import yaml
 
     from compiler.cli import main
-    from compiler.recipe import parse_recipe
+    from compiler.build.recipe import parse_recipe
 
     text = tmp_path / "text.txt"
     text.write_text("prose " * 10_000, encoding="utf-8")

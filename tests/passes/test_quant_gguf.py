@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from compiler.errors import KilnError
-from compiler.recipe import parse_recipe
+from compiler.build.recipe import parse_recipe
 from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF, build_artifact
 
 needs_smollm2 = pytest.mark.skipif(not (SMOLLM2_GGUF.is_file() and (SMOLLM2_DIR / "config.json").is_file()),

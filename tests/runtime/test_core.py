@@ -1,6 +1,9 @@
 """The engine core: greedy outputs equal a plain one-prompt decode loop, whatever the batching,
 chunk size, call packing, arrival time, KV budget or prefix reuse; rows, blocks and their memory
-are all free afterwards; cancel frees a row; a request the KV budget can never hold is refused."""
+are all free afterwards; cancel frees a row; a request the KV budget can never hold is refused.
+
+Each test runs on the tiny llama engine (contrib and standard graphs) and on the fake session
+(tests/runtime/fake_session.py), whose output is a hash of its whole KV row: a KV slip shows."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import pytest
 from compiler.runtime import load
 from compiler.runtime.core import EngineCore, SchedulerConfig
 from compiler.runtime.generation import GenerationConfig
-from compiler.runtime.kv_memory import KVBlocks, resident_bytes
+from compiler.runtime.kv_memory import KVBlocks
+from tests.runtime import fake_session
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived", "def f(x):", "A"]
 N = 12
@@ -41,8 +45,10 @@ def drain(core: EngineCore) -> dict[int, list[int]]:
     return got
 
 
-@pytest.fixture(scope="module", params=["contrib", "standard"])
+@pytest.fixture(scope="module", params=["fake", "fake-single-token-rows", "contrib", "standard"])
 def engine(request, tiny_artifacts):
+    if request.param.startswith("fake"):
+        return fake_session.FakeEngine(multi_token_rows=request.param == "fake")
     return load(tiny_artifacts[("llama", request.param)])
 
 
@@ -53,11 +59,11 @@ def refs(engine):
 
 @pytest.mark.parametrize("budget", [1, 3, 16, 512])
 def test_batched_and_chunked_prefill_equal_the_plain_loop(engine, refs, budget):
-    core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=max(budget, 4)))
+    core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget))
     rids = [core.add_request(engine.text.prompt_ids(p, False), GenerationConfig(max_new_tokens=N)) for p in PROMPTS]
     got = drain(core)
     assert [got[r] for r in rids] == refs
-    assert core.rows.free == core.rows.rows and not core.running
+    assert core.kv.free_rows == core.kv.rows.rows and not core.scheduler.running
 
 
 def test_fewer_rows_than_requests_queue_and_finish(engine, refs):
@@ -65,7 +71,7 @@ def test_fewer_rows_than_requests_queue_and_finish(engine, refs):
     rids = [core.add_request(engine.text.prompt_ids(p, False), GenerationConfig(max_new_tokens=N)) for p in PROMPTS]
     got = drain(core)
     assert [got[r] for r in rids] == refs
-    assert core.rows.free == 2
+    assert core.kv.free_rows == 2
 
 
 def test_a_prompt_arriving_mid_decode_changes_nothing(engine, refs):
@@ -92,10 +98,10 @@ def test_prefix_reuse_is_exact_and_saves_prefill(engine):
     assert [got[r] for r in rids] == refs
     shared = min(len(p) for p in prompts) // 8 * 8
     assert core.stats["prefill_tokens"] <= sum(len(p) for p in prompts) - 2 * (shared - 8)
-    assert core.prefix.hit_rate > 0.5
+    assert core.kv.prefix.hit_rate > 0.5
     again = core.add_request(prompts[0], GenerationConfig(max_new_tokens=N))  # a repeat: all but the tail reused
     assert drain(core)[again] == refs[0]
-    assert core.rows.free == 3
+    assert core.kv.free_rows == 3
 
 
 def test_cancel_frees_the_row_at_the_next_step(engine, refs):
@@ -108,7 +114,7 @@ def test_cancel_frees_the_row_at_the_next_step(engine, refs):
     outs = core.step()
     assert any(o.request_id == a and o.finished and o.generation.finish_reason == "cancelled" for o in outs)
     assert drain(core)[b] == refs[1]
-    assert core.stats["cancelled"] == 1 and core.rows.free == 1
+    assert core.stats["cancelled"] == 1 and core.kv.free_rows == 1
 
 
 def test_a_bad_request_is_refused_alone(engine, refs):
@@ -142,7 +148,7 @@ def test_a_kv_budget_too_small_for_a_request_is_refused_clearly(engine):
     block = KVBlocks.for_cache(kv, None)
     gib = 2 * block.block_bytes / 2**30  # two blocks
     core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, kv_cache_gib=gib))
-    assert core.blocks.capacity == 2
+    assert core.kv.blocks.capacity == 2
     too_long = [5] * (2 * block.block_tokens)  # its prompt alone fills the pool: no room for a new token
     assert len(too_long) < engine.config.max_seq
     with pytest.raises(ValueError, match="KV budget .* holds .*raise --kv-cache-gib or lower max_tokens"):
@@ -164,27 +170,28 @@ def test_requests_wait_for_kv_blocks_and_finish_exactly(engine, refs):
         for o in core.step():
             if o.finished:
                 got[o.request_id] = o.generation.token_ids
-        most = max(most, len(core.running))
-        assert core.blocks.used <= core.blocks.capacity
+        most = max(most, len(core.scheduler.running))
+        assert core.kv.blocks.used <= core.kv.blocks.capacity
     assert [got[r] for r in rids] == refs and most == 1
-    assert core.blocks.used == 0 and core.rows.free == 4
+    assert core.kv.blocks.used == 0 and core.kv.free_rows == 4
 
 
 def test_host_rows_hold_memory_only_for_what_they_hold(engine, refs):
     core = EngineCore(engine, SchedulerConfig(max_num_seqs=16))
-    paged = core.rows.cache._paged
-    reserved = sum(p.array.nbytes for p in paged)
+    kv = engine.config.kv_cache
+    paged = range(2 * kv.num_layers)  # one mapping per layer's keys and values
+    reserved = len(paged) * 16 * kv.num_kv_heads * kv.max_seq * kv.head_dim * np.dtype(kv.dtype).itemsize
     rids = [core.add_request(engine.text.prompt_ids(p, False), GenerationConfig(max_new_tokens=N)) for p in PROMPTS]
     peak = 0
     while core.has_work:
         core.step()
-        peak = max(peak, resident_bytes(paged))
+        peak = max(peak, core.kv.resident_bytes())
     per_token = 2 * kv_bytes_per_layer_token(engine) * engine.config.kv_cache.num_layers
     longest = max(len(engine.text.prompt_ids(p, False)) for p in PROMPTS) + N
     assert 0 < peak <= len(rids) * per_token * (longest + 2 * KVBlocks.for_cache(engine.config.kv_cache, None).block_tokens) \
         + 16 * len(paged) * 4096  # a dummy write may touch a free row's first page
     assert peak < reserved / 8
-    assert resident_bytes(paged) <= 16 * len(paged) * 4096  # released rows went back to the OS
+    assert core.kv.resident_bytes() <= 16 * len(paged) * 4096  # released rows went back to the OS
 
 
 def kv_bytes_per_layer_token(engine) -> int:

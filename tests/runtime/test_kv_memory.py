@@ -11,12 +11,12 @@ from compiler.runtime.kv_memory import PAGE, KVBlocks, PagedArray, resident_byte
 
 def test_rows_commit_pages_as_written_and_release_returns_them():
     arr = PagedArray((32, 3, 2048, 64), np.float32)  # 48 MiB reserved
-    assert resident_bytes([arr]) == 0
+    assert resident_bytes([arr.array]) == 0
     arr.array[:, :, :16] = 1.0  # 16 tokens in every row and head: one page each
-    assert resident_bytes([arr]) == 32 * 3 * PAGE
+    assert resident_bytes([arr.array]) == 32 * 3 * PAGE
     for row in range(32):
         arr.release(row)
-    assert resident_bytes([arr]) == 0 and not arr.array.any()
+    assert resident_bytes([arr.array]) == 0 and not arr.array.any()
 
 
 def test_block_budget_counts_every_layer_and_refuses_what_never_fits():

@@ -16,6 +16,7 @@ from compiler.runtime.generation import GenerationConfig
 from compiler.runtime.sampling import SamplingParams, distribution
 from compiler.runtime.speculative import AdaptiveK, SpeculativeConfig, ngram_propose, verify_greedy, verify_sampled
 from tests.conftest import build_artifact, make_tiny
+from tests.runtime import fake_session
 from tests.runtime.test_core import PROMPTS, drain, reference
 
 N = 24
@@ -55,10 +56,15 @@ def test_adaptive_k_grows_shrinks_and_backs_off():
     assert fixed.next() == 3
 
 
-def test_bad_speculative_settings_are_refused():
-    for kw in ({"method": "medusa"}, {"method": "draft"}, {"draft": "x"}, {"num_speculative": 0}, {"ngram_min": 4}):
-        with pytest.raises(ValueError):
-            SpeculativeConfig(**kw)
+@pytest.mark.parametrize("kw, why", [({"method": "medusa"}, "method must be one of ngram, draft"),
+                                     ({"method": "draft"}, "needs a draft artifact"),
+                                     ({"draft": "x"}, "only used with speculative method 'draft'"),
+                                     ({"num_speculative": 0}, "num_speculative must be 1..32"),
+                                     ({"max_speculative": 33}, "max_speculative must be 1..32"),
+                                     ({"ngram_min": 4}, "ngram_min <= ngram_max")])
+def test_bad_speculative_settings_are_refused(kw, why):
+    with pytest.raises(ValueError, match=why):
+        SpeculativeConfig(**kw)
 
 
 def test_greedy_verification_keeps_the_agreeing_prefix():
@@ -91,7 +97,7 @@ def _run(engine, prompts, spec, **sched):
     core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, speculative=spec, **sched))
     rids = [core.add_request(engine.text.prompt_ids(p, False), GenerationConfig(max_new_tokens=N)) for p in prompts]
     got = drain(core)
-    assert core.rows.free == core.rows.rows and core.blocks.used == 0
+    assert core.kv.free_rows == core.kv.rows.rows and core.kv.blocks.used == 0
     return [got[r] for r in rids], core
 
 
@@ -102,7 +108,7 @@ def test_prompt_lookup_gives_the_plain_greedy_output(engine, batch):
     got, core = _run(engine, prompts, SpeculativeConfig(), max_num_batched_tokens=5, prefix_cache_tokens=256,
                      prefix_block_size=4)
     assert got == refs
-    assert core.stats["proposed"] > 0
+    assert core.stats["proposed"] >= core.stats["accepted"] > 0  # it guessed some tokens right, and they count
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +140,7 @@ def test_a_draft_reads_the_prompt_during_the_prefill(engine, tiny_artifacts):
     draft, seen = core.spec.draft, {}
     while len(seen) < 2:
         core.step()
-        for r in core.running:
+        for r in core.scheduler.running:
             if r.gen.token_ids and r.id not in seen:  # the step that gave its first token
                 assert len(r.gen.token_ids) == 1
                 seen[r.id] = draft.seqs[r.id][1]
@@ -181,10 +187,11 @@ def test_the_recipe_section_is_the_default_of_generate_run_and_the_card(tiny_che
     assert "speculative decoding by default: prompt lookup" in (art / "README.md").read_text()
     engine = load(art)
     on, off = engine.generate(LOOPY, max_new_tokens=N), engine.generate(LOOPY, max_new_tokens=N, speculate="off")
-    assert on.token_ids == off.token_ids and on.timing.proposed > 0 and off.timing.proposed == 0
+    assert on.token_ids == off.token_ids and on.timing.accepted > 0 and off.timing.proposed == 0
     assert main(["run", str(art), "--prompt", LOOPY, "--max-new-tokens", str(N), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["tokens"] == on.token_ids and out["proposed"] > 0 and 0 <= out["acceptance_rate"] <= 1
+    assert out["tokens"] == on.token_ids and out["proposed"] >= out["accepted"] > 0
+    assert out["acceptance_rate"] == pytest.approx(out["accepted"] / out["proposed"], abs=1e-3)
     with pytest.raises(KilnError, match="speculative"):
         build_artifact(tiny_checkpoints["llama"], tmp_path, "bad", speculative={"method": "draft"})
 
@@ -230,3 +237,35 @@ def test_prompt_lookup_on_smollm2_gives_the_plain_output(tmp_path):
     assert sum(g.timing.accepted for g in fast) > 10
     draft = engine.generate(prompts[0], max_new_tokens=40, speculate=Draft(str(art), num_speculative=4))  # itself
     assert draft.token_ids == plain[0].token_ids and draft.timing.accepted == draft.timing.proposed > 0
+
+
+# -- on the fake session (tests/runtime/fake_session.py): its output hashes its whole KV row ------
+FAKE_PROMPTS = ["a b c d e f g h", "one two three four five six seven eight nine ten eleven twelve", "x"]
+
+
+@pytest.mark.parametrize("multi_token_rows", [True, False])
+def test_proposals_are_verified_exactly_on_a_fake_session(multi_token_rows):
+    """Right proposals are all accepted, wrong ones all rejected, and either way the output is
+    the model's own; a rejected token's KV is never read back (the fake would hash it in)."""
+    engine = fake_session.FakeEngine(multi_token_rows=multi_token_rows)
+    prompts = [engine.text.prompt_ids(p) for p in FAKE_PROMPTS]
+    refs = [fake_session.reference(p, N) for p in prompts]
+    truth = {tuple(p + r[:i]): r[i:] for p, r in zip(prompts, refs) for i in range(len(r))}
+
+    for name, guess in (("right", lambda tokens, k: truth[tuple(tokens)][:k]),
+                        ("wrong", lambda tokens, k: [(t % 49) + 1 for t in truth[tuple(tokens)][:k]])):
+        core = EngineCore(engine, SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=4,
+                                                  speculative=SpeculativeConfig(num_speculative=3)))
+        core.spec.propose = lambda rid, tokens, room, g=guess: g(tokens, min(3, room))
+        rids = [core.add_request(p, GenerationConfig(max_new_tokens=N)) for p in prompts]
+        got = drain(core)
+        assert [got[r] for r in rids] == refs, name
+        s = core.stats
+        assert s["proposed"] > 0 and s["accepted"] == (s["proposed"] if name == "right" else 0), (name, s)
+        assert core.kv.free_rows == core.kv.rows.rows
+
+
+def test_a_session_that_cannot_give_every_position_is_refused_for_speculation():
+    engine = fake_session.FakeEngine(logits_at_every_position=False)
+    with pytest.raises(ValueError, match="speculative decoding runs on CPU"):
+        EngineCore(engine, SchedulerConfig(speculative=SpeculativeConfig()))

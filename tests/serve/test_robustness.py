@@ -14,7 +14,7 @@ from compiler.runtime import load
 from compiler.runtime.core import SchedulerConfig
 from compiler.runtime.engine import Generation, GenerationConfig
 from compiler.serve.jobs import Job
-from compiler.serve.scheduler import Scheduler
+from compiler.serve.worker import EngineWorker
 from tests.serve.loopback import Gate, Server, post_raw, read_until, sse, wait_for
 
 LONG = "The river"  # the tiny model runs 200 tokens on it without meeting its eos token
@@ -30,7 +30,7 @@ async def _outcome(job: Job) -> Generation | Exception:
 
 def test_a_failing_request_gets_its_error_and_the_worker_goes_on(tiny_artifacts):
     engine = load(tiny_artifacts[("llama", "contrib")])
-    worker = Scheduler(engine)
+    worker = EngineWorker(engine)
     step, failed = engine.session.step, []
 
     def step_failing_once(*args, **kwargs):
@@ -143,7 +143,7 @@ def test_streams_dropped_mid_stream_free_their_slots(tiny_artifacts):
             for sock in socks:
                 read_until(sock, b"data: {")
             wait_for(gate.waiting, "the engine to use its step budget")
-            assert s.batcher.running == 4 and s.batcher.core.rows.free == 0  # all four are still generating
+            assert s.batcher.running == 4 and s.batcher.core.kv.free_rows == 0  # all four are still generating
             for sock in socks:
                 sock.close()
             wait_for(lambda: _cancelled(c) == 4, "4 cancelled requests in /metrics")

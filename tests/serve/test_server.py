@@ -33,7 +33,7 @@ def test_health_models_and_metrics(server):
         body = c.get("/metrics").text
     assert 'kiln_requests_total{endpoint="/v1/completions",status="200"}' in body
     assert "kiln_time_to_first_token_seconds_bucket" in body and "kiln_generated_tokens_total" in body
-    rows = server.batcher.core.rows.rows
+    rows = server.batcher.core.kv.rows.rows
     for line in ("kiln_running_sequences 0.0", "kiln_waiting_sequences 0.0", "kiln_kv_rows_used 0.0", "kiln_kv_blocks_used 0.0",
                  "kiln_kv_resident_bytes",
                  f"kiln_kv_rows_free {float(rows)}", "kiln_prefix_cache_hit_rate", "kiln_prefix_cache_blocks_used"):

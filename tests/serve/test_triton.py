@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from compiler.cli import main
-from compiler.export_triton import pytriton_server
+from compiler.ship.export_triton import pytriton_server
 from compiler.runtime import load
 
 pytest.importorskip("pytriton")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from compiler.recipe import load_recipe, parse_recipe
+from compiler.build.recipe import load_recipe, parse_recipe
 from compiler.tune.replay import RuntimeSettings, realise, replay
 from compiler.tune.trace import make_trace
 from compiler.tune.tune import runtime_candidates, variants

@@ -3,7 +3,7 @@ with its pieces between collectives) and the engine config.
 
 Weights are streamed to the data file one tensor at a time (each lazy checkpoint read happens
 here), with a progress bar. Precision (to_float16) and the contrib legalisation are pipeline
-passes (compiler/pipeline.py) that run before this; the session settings the runtime will use
+passes (compiler/build/pipeline.py) that run before this; the session settings the runtime will use
 (threads, MatMulNBits accuracy level, the CUDA provider's options) are chosen here.
 """
 
@@ -15,7 +15,8 @@ import onnx_ir as ir
 
 from compiler.backends.base import ModelFacts, RankOutput, RankTarget
 from compiler.ir.builder import initializer_bytes
-from compiler.runtime.config import EngineConfig, KVCacheSpec, ParallelSpec, SessionConfig, TensorSpec
+from compiler.runtime.config import Capabilities, EngineConfig, KVCacheSpec, ParallelSpec, SessionConfig, TensorSpec
+from compiler.runtime.session_api import SAMPLING_INPUTS
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -67,7 +68,8 @@ class OnnxRuntimeBackend:
             outputs=[TensorSpec("logits", "float32", ["batch", "logits", f.vocab_size])],
             kv_cache=KVCacheSpec(f.num_layers, f.num_kv_heads, f.head_dim, r.max_seq),
             max_batch=r.max_batch, max_seq=r.max_seq, vocab_size=f.vocab_size, session=self.session(),
-            generation=f.generation, graph_flavour=self.graph_flavour, parallel=parallel)
+            generation=f.generation, graph_flavour=self.graph_flavour, parallel=parallel,
+            capabilities=Capabilities(sliceable=False, paged=False, multi_token_rows=self.recipe.onnxruntime.graph != "contrib"))
 
     def record(self, engine: EngineConfig) -> dict:
         import onnxruntime
@@ -93,7 +95,17 @@ class OnnxRuntimeBackend:
             kv_cache=KVCacheSpec(f.num_layers, f.num_kv_heads, f.head_dim, r.max_seq, dtype=_kv_dtype(model))
             if f.task == "generate" else None,
             max_batch=r.max_batch, max_seq=r.max_seq, vocab_size=f.vocab_size, session=self.session(),
-            generation=f.generation, graph_flavour=self.flavour, task=f.task)
+            generation=f.generation, graph_flavour=self.flavour, task=f.task, capabilities=self.capabilities(model))
+
+    def capabilities(self, model: ir.Model) -> Capabilities:
+        """What the runtime's session can do with this graph: host rows on the CPU provider (a
+        span bound per call, paged, prefix blocks copied in), device rows on CUDA (every row bound);
+        in-graph sampling when the graph ends in kiln::Sample; several rows of several tokens over
+        a past except with ONNX Runtime's GroupQueryAttention on CPU ("batch_size must be 1")."""
+        host = self.recipe.onnxruntime.device != "cuda"
+        samples = set(SAMPLING_INPUTS) <= {v.name for v in model.graph.inputs}
+        return Capabilities(sliceable=host, paged=host, samples=samples,
+                            multi_token_rows=not (host and self.recipe.onnxruntime.graph == "contrib"))
 
 
 def cuda_session_config(o, entries: dict) -> SessionConfig:

@@ -20,8 +20,8 @@ from compiler.backends.tensorrt import attention, collectives, ops, quant, trt_m
 from compiler.backends.tensorrt.network import Lowering, LoweringError
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.errors import KilnError
-from compiler.memory import return_freed_memory
-from compiler.runtime.config import EngineConfig, KVCacheSpec, ParallelSpec, TensorRTSpec, TensorSpec
+from compiler.build.memory import return_freed_memory
+from compiler.runtime.config import Capabilities, EngineConfig, KVCacheSpec, ParallelSpec, TensorRTSpec, TensorSpec
 
 ENGINE_FILE = "rank0.engine"
 LOG_FILE = "build.log"
@@ -138,7 +138,7 @@ def emit(model: ir.Model, facts: ModelFacts, num_heads: int, out_dir: Path, opts
         backend="tensorrt", model_file=engine_file, inputs=specs_in, outputs=specs_out,
         kv_cache=KVCacheSpec(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_seq, dtype=opts.precision),
         max_batch=max_batch, max_seq=max_seq, vocab_size=facts.vocab_size, generation=facts.generation,
-        graph_flavour="tensorrt-network",
+        graph_flavour="tensorrt-network", capabilities=Capabilities(sliceable=False, paged=False),
         tensorrt=TensorRTSpec(flavour.name, flavour.version, opts.precision, list(opts.targets), profiles),
     )
     return cfg

@@ -15,7 +15,7 @@ from compiler.passes.quant.calibration import CalibrationConfig, calibration_tok
 def calibrate(recipe, arch, cfg, ckpt: Checkpoint, progress: bool = True, source_digest: str | None = None) -> dict:
     """Statistics for the recipe's calibration settings; shared through the build cache by every
     recipe with the same source, settings and passes (when source_digest is given)."""
-    from compiler import build_cache
+    from compiler.build import cache as build_cache
 
     cal = recipe.quantization.calibration
     stats_key = build_cache.key("calibration", source_digest, cal.model_dump(mode="json"), list(recipe.passes)) if source_digest else None

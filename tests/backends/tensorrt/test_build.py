@@ -9,9 +9,9 @@ import re
 import pytest
 import yaml
 
-from compiler.build import build
+from compiler.build.driver import build
 from compiler.errors import KilnError
-from compiler.recipe import parse_recipe
+from compiler.build.recipe import parse_recipe
 from compiler.runtime.plan import read_plan_header
 from tests.conftest import ROOT, SMOLLM2_DIR, SMOLLM2_GGUF, build_artifact
 from tests.passes.test_quant_gguf import smollm2_q4_0  # noqa: F401 (fixture)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.publish.registry import PASSWORD, USER, serve
+from tests.ship.publish.registry import PASSWORD, USER, serve
 
 
 @pytest.fixture(scope="module")

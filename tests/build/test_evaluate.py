@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from compiler.cli import main
-from compiler.evaluate import default_text, evaluate
+from compiler.build.evaluate import default_text, evaluate
 
 WINDOW, CHUNK = 200, 64
 
@@ -160,7 +160,7 @@ def test_the_gate_scores_the_engine_as_it_serves(tiny_checkpoints, tmp_path):
     """An int4 engine with int8 activations (accuracy level 4) is evaluated with the kernel it serves
     with: its weights prepacked (unpacked, MatMulNBits falls back to fp32 activations, and the gate
     scored an engine nobody runs)."""
-    from compiler.evaluate import _load_artifact
+    from compiler.build.evaluate import _load_artifact
     from compiler.runtime import load
     from tests.backends.onnxruntime.test_parity import engine_logits
     from tests.conftest import build_artifact

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from compiler.build import build
-from compiler.recipe import parse_recipe
+from compiler.build.driver import build
+from compiler.build.recipe import parse_recipe
 from tests.conftest import ROOT, SMOLLM2_DIR
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from compiler import support
+from compiler.ship import support
 from compiler.cli import main
 from compiler.errors import KilnError
 from compiler.frontend.models import REGISTRY

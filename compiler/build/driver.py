@@ -1,7 +1,7 @@
 """`kiln build`: recipe -> checkpoint -> graph -> passes -> backend -> artifacts/<name>/.
 
 build() = prepare (every refusal that needs no work) -> compile_into (the pipeline of
-compiler/pipeline.py on each rank's graph, then the backend's rank loop) -> the quality gate ->
+compiler/build/pipeline.py on each rank's graph, then the backend's rank loop) -> the quality gate ->
 kiln.json. Everything is written into a temp dir beside the destination and renamed into place at the
 end, so a failed build leaves nothing behind. The manifest `kiln.json` records the resolved
 recipe, the source digest, the sha256 of every file, the backend and its version, the I/O spec
@@ -27,19 +27,20 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime
 
-from compiler import __version__, backends, build_cache, build_ranks, pipeline
+from compiler import __version__, backends
+from compiler.build import cache as build_cache, pipeline, ranks as build_ranks
 from compiler.backends.base import ModelFacts
-from compiler.card import render as render_card
+from compiler.build.card import render as render_card
 from compiler.errors import KilnError
 from compiler.frontend import models
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.sharding import Layout
 from compiler.frontend.sources import resolve_source
 from compiler.fsutil import replace_dir
-from compiler.memory import return_freed_memory
+from compiler.build.memory import return_freed_memory
 from compiler.passes import PassManager, plugin_ops
 from compiler.passes.base import PassRecord
-from compiler.recipe import Recipe
+from compiler.build.recipe import Recipe
 from compiler.runtime.config import EngineConfig, GenerationDefaults
 from compiler.runtime.verify import record
 
@@ -260,7 +261,7 @@ def _backend_version(recipe: Recipe) -> str:
 
 def _quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) -> dict:
     """Perplexity, top-1 agreement and KL vs the fp32 engine; a violated limit fails the build."""
-    from compiler.evaluate import evaluate
+    from compiler.build.evaluate import evaluate
 
     q = recipe.quality
     res = evaluate(artifact, reference=source, text_path=Path(q.text) if q.text else None, window=q.window, progress=progress)

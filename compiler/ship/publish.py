@@ -14,7 +14,7 @@ anywhere (ORAS's login() would store them in the docker config, so it is not use
 A pull reads the registry's manifest and the artifact's kiln.json first (both in memory, capped)
 and checks the layers against it: plain file names, each listed with its digest and size, nothing
 unlisted, no duplicates. Only then are the blobs streamed into a temp dir beside the destination,
-each capped at its listed size; the result is verified and renamed into place (compiler.package
+each capped at its listed size; the result is verified and renamed into place (compiler.ship.package
 .install). ORAS's own pull is not used: it would write whatever layer titles and sizes the
 registry names, and extract tar layers.
 A directory REF (`dir:///path` or an existing directory) gets the `kiln package` archive and
@@ -207,7 +207,7 @@ def publish(artifact: Path, ref: str) -> dict:
     artifact = Path(artifact)
     manifest = verified(artifact)  # a refusal names the fix
     if is_directory_ref(ref):
-        from compiler.package import package
+        from compiler.ship.package import package
 
         archive, sums = package(artifact, _dir(ref))
         return {"ref": str(archive), "sha256sums": str(sums)}
@@ -229,7 +229,7 @@ def publish(artifact: Path, ref: str) -> dict:
 
 def pull(ref: str, dest_root: Path) -> Path:
     """Fetch into dest_root/<name>, verified before it is renamed into place."""
-    from compiler.package import install, unpack
+    from compiler.ship.package import install, unpack
 
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)

@@ -15,21 +15,21 @@ from compiler.runtime.engine import Engine
 from compiler.serve.jobs import Job, Worker
 
 
-class Scheduler(Worker):
+class EngineWorker(Worker):
     def __init__(self, engine: Engine, max_queue: int = 64, config: SchedulerConfig | None = None, metrics=None):
         self.core = EngineCore(engine, config)
         self.metrics = metrics
         self.jobs_by_request: dict[int, Job] = {}
-        super().__init__(engine, max_queue, "kiln-scheduler")
+        super().__init__(engine, max_queue, "kiln-engine")
 
     @property
     def depth(self) -> int:
         """Requests waiting: in the queue, or in the core without a row yet."""
-        return self.jobs.qsize() + len(self.core.waiting)
+        return self.jobs.qsize() + len(self.core.scheduler.waiting)
 
     @property
     def running(self) -> int:
-        return len(self.core.running)
+        return len(self.core.scheduler.running)
 
     def _in_flight(self) -> list[Job]:
         return list(self.jobs_by_request.values())
@@ -49,7 +49,7 @@ class Scheduler(Worker):
 
     def _admit(self, block: bool) -> None:
         """Jobs into the core while it has rows for them (the rest stay in the bounded queue)."""
-        while len(self.core.waiting) < max(self.core.rows.free, 1):
+        while len(self.core.scheduler.waiting) < max(self.core.kv.free_rows, 1):
             job = self._take(block)
             if job is None:
                 return

@@ -15,9 +15,9 @@ import pytest
 
 from compiler.cli import main
 from compiler.errors import KilnError
-from compiler.publish import pull
+from compiler.ship.publish import pull
 from compiler.runtime import load
-from tests.publish.registry import PASSWORD, USER, free_port
+from tests.ship.publish.registry import PASSWORD, USER, free_port
 
 
 @pytest.fixture

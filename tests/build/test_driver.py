@@ -45,7 +45,7 @@ def test_rebuild_replaces_the_whole_artifact(tiny_checkpoints, tmp_path):
 def test_a_build_that_fails_midway_leaves_nothing_and_keeps_the_old_artifact(tiny_checkpoints, tmp_path, monkeypatch):
     """The failure is injected after the engine and tokenizer are written into the temp dir (the
     engine card is rendered just before kiln.json)."""
-    import compiler.build as cb
+    import compiler.build.driver as cb
     from compiler.runtime.verify import verify_artifact
     from tests.conftest import build_artifact
 

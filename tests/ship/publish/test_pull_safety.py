@@ -11,7 +11,7 @@ import pytest
 
 from compiler.cli import main
 from compiler.runtime.verify import verify_artifact
-from tests.publish.registry import artifact_layers, push_raw
+from tests.ship.publish.registry import artifact_layers, push_raw
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from compiler.cli import main
 from compiler.fsutil import ARTIFACT_NAME, replace_dir
-from compiler.package import package, unpack
+from compiler.ship.package import package, unpack
 from compiler.runtime import load
 from compiler.runtime.verify import ArtifactTampered, verify_artifact
 
@@ -223,7 +223,7 @@ def test_replace_dir_replaces_only_a_sibling(tmp_path):
 
 
 def test_artifact_name_rule_is_the_recipes():
-    from compiler.recipe import Recipe
+    from compiler.build.recipe import Recipe
 
     patterns = [getattr(x, "pattern", None) for x in Recipe.model_fields["name"].metadata]
     assert f"^{ARTIFACT_NAME.pattern}$" in patterns

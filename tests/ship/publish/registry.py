@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.publish import CONFIG_TYPE, media_type
+from compiler.ship.publish import CONFIG_TYPE, media_type
 
 OCI_MANIFEST, TITLE = "application/vnd.oci.image.manifest.v1+json", "org.opencontainers.image.title"  # the OCI spec's
 REGISTRY = shutil.which("docker-registry") or shutil.which("registry")

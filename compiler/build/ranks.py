@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from compiler import pipeline
+from compiler.build import pipeline
 from compiler.backends.base import RankOutput
 from compiler.errors import KilnError
 from compiler.frontend.sharding import Layout, plan

@@ -1,0 +1,1 @@
+"""The build stage: recipe -> prepare -> frontend -> pass pipeline -> backend -> quality gate -> kiln.json."""
