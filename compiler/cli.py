@@ -42,7 +42,7 @@ def _build(args) -> int:
 
 def _list_passes(recipe, args) -> int:
     """The build's pipeline, one pass a line (nothing is built, read or calibrated)."""
-    from compiler.build.driver import list_passes
+    from compiler.build.compile import list_passes
 
     passes = list_passes(recipe)
     if args.json:
@@ -63,13 +63,13 @@ def _run(args) -> int:
     engine = load(args.artifact, threads=args.threads, config_entries=_draft_entries(args))
     if world > 1 and int(os.environ["RANK"]) != 0:  # every rank generates; rank 0 prints
         sys.stdout = open(os.devnull, "w")
-    is_encoder = getattr(engine.config, "task", "generate") == "embed"
+    is_encoder = engine.config.task == "embed"
     if args.embed or is_encoder:
         if not is_encoder:
             raise ValueError(f"{args.artifact} is a text generator; --embed needs an encoder artifact (e.g. a BertModel)")
         return _embed(engine, args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, stop=tuple(args.stop or ()), chat=args.chat, **_speculate(args))
+              seed=args.seed, stop=args.stop, chat=args.chat, **_speculate(args))
     if args.json:
         gen = engine.generate(args.prompt[-1], **kw)
         t = gen.timing
@@ -153,27 +153,26 @@ def _serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"kiln serve needs {e.name}: pip install 'kiln[serve]'") from None
     from compiler.runtime import load
-    from compiler.runtime.core import SchedulerConfig
-    from compiler.runtime.speculative import resolve
-    from compiler.serve import settings
+    from compiler.runtime.settings import RuntimeSettings
 
-    flags = {k: getattr(args, k) for k in settings.BUILTIN} | _speculate(args)
-    runtime, spec = settings.resolve(flags, Path(args.artifact), args.tuned)  # flags > --tuned > recipe's > kiln's
-    engine = load(args.artifact, threads=runtime["threads"], config_entries=_draft_entries(args))
-    if getattr(engine.config, "task", "generate") != "generate":
+    if not (Path(args.artifact) / "engine.json").is_file():
+        raise FileNotFoundError(f"{args.artifact} is not a kiln artifact (no engine.json); build one with `kiln build RECIPE`")
+    flags = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "prefix_cache_tokens", "threads",
+                                           "kv_cache_gib", "speculate", "draft", "num_speculative")}
+    settings = RuntimeSettings.resolve(Path(args.artifact), flags, args.tuned)  # flags > --tuned > recipe's > kiln's
+    engine = load(args.artifact, threads=settings.threads, config_entries=_draft_entries(args))
+    if engine.config.task != "generate":
         raise ValueError(f"{args.artifact} is not a text generator; kiln serve serves decoder artifacts")
     name = args.name or Path(args.artifact).resolve().name
-    sched = SchedulerConfig(max_num_seqs=runtime["max_num_seqs"], max_num_batched_tokens=runtime["max_num_batched_tokens"],
-                            kv_cache_gib=args.kv_cache_gib, prefix_cache_tokens=runtime["prefix_cache_tokens"],
-                            speculative=resolve(spec["speculate"], engine, spec["num_speculative"]))
-    app = create_app(engine, name, args.max_queue, sched)
+    app = create_app(engine, name, args.max_queue, settings)
     if not args.quiet:
-        use = app.state.batcher.core.kv.usage()
+        core = app.state.batcher.core
+        use = core.kv.usage()
         kv = f"KV budget {use.budget_tokens} tokens in {use.budget_gib} GiB, " if use.block_tokens is not None else ""
         print(f"serving {name} on http://{args.host}:{args.port}/v1 ({use.rows} sequences of up to {engine.config.max_seq} "
-              f"tokens, {kv}{sched.max_num_batched_tokens} tokens a step, prefix cache "
+              f"tokens, {kv}{settings.max_num_batched_tokens} tokens a step, prefix cache "
               f"{use.prefix_tokens} tokens, queue {args.max_queue}"
-              f"{', speculative ' + sched.speculative.method if sched.speculative else ''})", file=sys.stderr)
+              f"{', speculative ' + core.sched.speculative.method if core.sched.speculative else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
 

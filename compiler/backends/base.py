@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Protocol
 import onnx_ir as ir
 
 from compiler.runtime.config import EngineConfig, GenerationDefaults, ParallelSpec, RankSpec
+from compiler.runtime.manifest import write_engine
 
 
 @dataclass(frozen=True)
@@ -87,5 +88,5 @@ def emit(backend: Backend, models: Iterator[ir.Model], world_size: int, out: Pat
         gc.collect()
     engine = backend.engine(outputs, parallel(specs) if world_size > 1 else None)
     engine = dataclasses.replace(engine, **(runtime_defaults or {}))
-    (out / "engine.json").write_text(engine.to_json())
+    write_engine(out, engine)
     return Emitted(engine, nodes)

@@ -21,7 +21,8 @@ import numpy as np
 
 from compiler import __version__
 from compiler.frontend.sources import cache_root
-from compiler.runtime.verify import ArtifactTampered, verify_artifact
+from compiler.runtime.manifest import MANIFEST, read_manifest
+from compiler.runtime.verify import verify_artifact
 
 
 def key(*parts) -> str:
@@ -31,17 +32,16 @@ def key(*parts) -> str:
 
 def up_to_date(dest: Path, build_key: str) -> dict | None:
     """The artifact's manifest when it was built with build_key and is intact, else None."""
-    manifest_path = dest / "kiln.json"
-    if not manifest_path.is_file():
+    if not (dest / MANIFEST).is_file():
         return None
     try:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("build_key") != build_key:
+        manifest = read_manifest(dest)
+        if manifest.build_key != build_key:
             return None
         verify_artifact(dest)
-    except (ValueError, ArtifactTampered, OSError):
+    except (ValueError, OSError):  # ArtifactTampered is a ValueError
         return None
-    return manifest
+    return manifest.data
 
 
 def source_digest(ckpt) -> str:

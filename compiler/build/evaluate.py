@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from compiler.build.compile import compile_engine
+from compiler.build.recipe import parse_recipe
 from compiler.errors import KilnError
 from compiler.runtime import load
 from compiler.runtime.config import EngineConfig
@@ -238,17 +239,13 @@ def _reference(path: Path, window: int, threads: int | None, stack: ExitStack) -
     except (OSError, ValueError, AttributeError):
         pass  # the build reports a bad config.json itself
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-eval-ref.")))
-    recipe = {"schema": 1, "name": "reference", "source": str(path), "dtype": "float32",
-              "max_seq": max_seq, "max_batch": 1, "onnxruntime": {"graph": "contrib"}}
-    (tmp / "reference.yaml").write_text(json.dumps(recipe))  # JSON is YAML
-    # a separate process: the build's memory is gone before the engines load
-    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "build", str(tmp / "reference.yaml"), "--out", str(tmp),
-                           "--quiet"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        raise KilnError(f"building the fp32 reference of {path} failed: {last.removeprefix('kiln: error: ')}",
-                        "check the reference checkpoint")
-    return _load_artifact(tmp / "reference", threads, window, as_served=False)
+    recipe = parse_recipe({"schema": 1, "name": "reference", "source": str(path), "dtype": "float32",
+                           "max_seq": max_seq, "max_batch": 1, "onnxruntime": {"graph": "contrib"}}, "the fp32 reference")
+    try:  # the build's own pipeline, in this process; its memory is handed back before the engines load
+        compile_engine(recipe, tmp)
+    except KilnError as e:
+        raise KilnError(f"building the fp32 reference of {path} failed: {e.problem}", e.fix or "check the reference checkpoint") from None
+    return _load_artifact(tmp, threads, window, as_served=False)
 
 
 def _check_compatible(cfg: EngineConfig, ref: Engine, text: str, ids: np.ndarray) -> None:

@@ -9,8 +9,8 @@
     precision     to_float16 | to_bfloat16                   onnxruntime, precision not float32
     legalise      legalise_onnxruntime                       onnxruntime, graph: contrib
 
-Single-rank, multi-rank and calibration builds all take their passes from `plan` and run them
-through one PassManager, so `--dump-ir` dumps after every pass and kiln.json records every one.
+Single-rank and multi-rank builds take their passes from `plan`, and calibration graphs from
+`calibration_plan` (the frontend stage of the same plan), each run through one PassManager, so `--dump-ir` dumps after every pass and kiln.json records every one.
 Quantisation sits before the plugins' rewrites so its smoothing finds the sinks it knows, and
 binding before legalisation so a decomposed plugin op is fused like the graph it replaced. The
 backend's own rules are checked after the last pass (Backend.check, compiler/backends/base.py).
@@ -42,7 +42,7 @@ class Context:
 
 def plan(recipe, ctx: Context, rank_passes: list[Pass] = ()) -> list[Pass]:
     """Every pass of the build of `recipe` in order (rank_passes: a rank's parallel split)."""
-    passes = [*rank_passes, *recipe_passes(recipe.passes)]
+    passes = [*rank_passes, *_frontend(recipe)]
     if recipe.quantization is not None:
         from compiler.passes.cleanup import DeadCodeElimination
 
@@ -53,6 +53,16 @@ def plan(recipe, ctx: Context, rank_passes: list[Pass] = ()) -> list[Pass]:
     if recipe.backend == "onnxruntime":
         passes += _onnxruntime_passes(recipe, ctx.cfg)
     return passes
+
+
+def _frontend(recipe) -> list[Pass]:
+    return recipe_passes(recipe.passes)
+
+
+def calibration_plan(recipe) -> list[Pass]:
+    """The passes of the graph calibration runs: the plan's frontend stage, so its MatMul names are
+    those the quantiser then sees; without shape inference (the sample's shapes are not the engine's)."""
+    return [p for p in _frontend(recipe) if p.name != "shape_inference"]
 
 
 def _onnxruntime_passes(recipe, cfg) -> list[Pass]:
@@ -99,7 +109,8 @@ class Quantize(Pass):
             from compiler.passes.quant.calibrate_model import calibrate
 
             t = time.perf_counter()
-            stats = calibrate(self.recipe, ctx.arch, ctx.cfg, ctx.ckpt, ctx.progress, source_digest=ctx.digest)
+            stats = calibrate(self.recipe, ctx.arch, ctx.cfg, ctx.ckpt, calibration_plan(self.recipe), ctx.progress,
+                              source_digest=ctx.digest)
             self.calibration_s = time.perf_counter() - t
         gguf = _gguf_source(self.recipe, ctx) if q.scheme == "gguf" else None
         level4, trt = self.recipe.onnxruntime.int4_accuracy_level == 4, self.recipe.backend == "tensorrt"

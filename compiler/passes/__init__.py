@@ -21,9 +21,9 @@ PASSES: dict[str, Callable[[], Pass]] = {
 DEFAULT_PIPELINE = ("merge_qkv", "merge_gate_up", "dedupe_constants", "dce", "shape_inference")
 
 
-def recipe_passes(names: list[str], calibration: bool = False) -> list[Pass]:
-    """The recipe's graph passes (`passes:`); a calibration graph runs them without shape inference."""
-    return make([n for n in names if not (calibration and n == "shape_inference")])
+def recipe_passes(names: list[str]) -> list[Pass]:
+    """The recipe's graph passes (`passes:`), in its order."""
+    return make(names)
 
 
 def make(names: list[str] | tuple[str, ...]) -> list[Pass]:

@@ -141,7 +141,7 @@ class EngineConfig:
     task: str = "generate"  # "generate" (decoder with KV cache) | "embed" (encoder -> sentence embeddings)
     parallel: ParallelSpec | None = None  # multi-rank engines only (kv_cache then holds one rank's heads)
     speculative: dict | None = None  # the recipe's speculative section: the runtime's default (runtime/speculative.py)
-    serve: dict | None = None  # the recipe's serve section: kiln serve's defaults (serve/settings.py)
+    serve: dict | None = None  # the recipe's serve section: kiln serve's defaults (runtime/settings.py)
     capabilities: Capabilities = Capabilities()  # what the session can do (see Capabilities)
     format: int = ENGINE_FORMAT
 

@@ -7,7 +7,6 @@ pooling over each row's attention mask.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler.runtime.config import EngineConfig
+from compiler.runtime.manifest import MANIFEST, read_manifest
 from compiler.runtime.session import session_options
 from compiler.runtime.text import Text
 
@@ -22,7 +22,7 @@ from compiler.runtime.text import Text
 class Encoder:
     def __init__(self, path: Path, config: EngineConfig, threads: int | None = None, config_entries: dict | None = None):
         self.path, self.config = Path(path), config
-        self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
+        self.manifest = read_manifest(self.path) if (self.path / MANIFEST).is_file() else None  # kiln.json
         self.text = Text(self.path)
         so = session_options(config.session, threads, config_entries)
         self.session = ort.InferenceSession(str(self.path / config.model_file), so, providers=[config.session.execution_provider])

@@ -8,16 +8,18 @@ concatenation of what `stream()` yields. A batch larger than the engine's max_ba
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from compiler.runtime.config import EngineConfig
+from compiler.runtime.manifest import MANIFEST, read_manifest
 from compiler.runtime.generation import Generation, GenerationConfig, Timing
 from compiler.runtime.session import DecoderSession
-from compiler.runtime.speculative import Draft, resolve
+from compiler.runtime.core import EngineCore
+from compiler.runtime.settings import RuntimeSettings
+from compiler.runtime.speculative import Draft
 from compiler.runtime.text import Text
 
 Prompt = str | list[dict]  # plain text, or chat messages
@@ -29,7 +31,7 @@ class Engine:
     def __init__(self, path: Path, threads: int | None = None, config_entries: dict | None = None):
         self.path = Path(path)
         self.config = EngineConfig.load(self.path / "engine.json")
-        self.manifest = json.loads((self.path / "kiln.json").read_text()) if (self.path / "kiln.json").is_file() else {}
+        self.manifest = read_manifest(self.path) if (self.path / MANIFEST).is_file() else None  # kiln.json
         self.text = Text(self.path)
         if self.config.parallel is not None:
             from compiler.runtime.distributed import DistributedSession
@@ -54,7 +56,8 @@ class Engine:
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
         gens: dict[int, Generation] = {}
-        for i, piece, gen in self._run(batch, _config(config, kw), resolve(speculate, self, num_speculative)):
+        settings = RuntimeSettings.for_batch(len(batch), self, speculate, num_speculative)
+        for i, piece, gen in self._run(batch, GenerationConfig.of(config, **kw), settings):
             if gen is not None:
                 gens[i] = gen
         return gens[0] if single else [gens[i] for i in range(len(batch))]
@@ -63,26 +66,22 @@ class Engine:
                num_speculative: int | None = None, **kw) -> Iterator[str]:
         """Yields text pieces of one prompt as they become final; `last_generation` holds the
         whole Generation (and its timing) once the stream ends. speculate: as in generate()."""
-        for _, piece, gen in self._run([prompt], _config(config, kw), resolve(speculate, self, num_speculative)):
+        settings = RuntimeSettings.for_batch(1, self, speculate, num_speculative)
+        for _, piece, gen in self._run([prompt], GenerationConfig.of(config, **kw), settings):
             if piece:
                 yield piece
             if gen is not None:
                 self.last_generation = gen
 
-    def core(self, config=None):
+    def core(self, settings: RuntimeSettings | None = None) -> EngineCore:
         """An engine core over this engine (add_request / step / cancel): see runtime/core.py."""
-        from compiler.runtime.core import EngineCore
+        return (settings or RuntimeSettings()).core(self)
 
-        return EngineCore(self, config)
-
-    def _run(self, prompts: list[Prompt], cfg: GenerationConfig, speculative=None) -> Iterator[tuple[int, str, Generation | None]]:
+    def _run(self, prompts: list[Prompt], cfg: GenerationConfig, settings: RuntimeSettings
+             ) -> Iterator[tuple[int, str, Generation | None]]:
         """(index, text piece, the Generation once it is complete) for a batch of prompts."""
-        from compiler.runtime.core import SchedulerConfig
-
         ids = [self.text.prompt_ids(p, cfg.chat) for p in prompts]
-        core = self.core(SchedulerConfig(max_num_seqs=min(len(ids), self.config.max_batch),
-                                         max_num_batched_tokens=max(self.config.max_seq, len(ids)),
-                                         speculative=speculative))
+        core = self.core(settings)
         # one generator per prompt: a seeded batch samples each row differently, a single prompt
         # exactly as its seed says
         seeds = [cfg.seed] if len(ids) == 1 or cfg.seed is None else np.random.SeedSequence(cfg.seed).spawn(len(ids))
@@ -92,15 +91,6 @@ class Engine:
                 if out.error is not None:
                     raise out.error
                 yield rids[out.request_id], out.text, out.generation if out.finished else None
-
-
-def _config(config: GenerationConfig | None, kw: dict) -> GenerationConfig:
-    cfg = config or GenerationConfig()
-    if kw:
-        if "stop" in kw and isinstance(kw["stop"], str):
-            kw["stop"] = (kw["stop"],)
-        cfg = GenerationConfig(**{**cfg.__dict__, **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}})
-    return cfg
 
 
 def load(path: str | Path, threads: int | None = None, config_entries: dict | None = None, verify: bool = True):

@@ -5,7 +5,10 @@ Plain dataclasses shared by the engine core, the Engine API and the server.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+ALIASES = {"max_tokens": "max_new_tokens"}  # the OpenAI and Triton names of a field
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,24 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's eos ids
     chat: bool = False
+
+    @classmethod
+    def of(cls, base: "GenerationConfig | None" = None, **fields) -> "GenerationConfig":
+        """The one conversion of a request into a config, for every driver (generate()'s keyword
+        arguments, an HTTP body, a Triton request): `max_tokens` for max_new_tokens, `stop` as one
+        string or a list, `ignore_eos=True` for no stop tokens; None leaves a field as it is in base.
+        A field that is not a generation setting is refused by name."""
+        if fields.pop("ignore_eos", False):
+            fields["stop_token_ids"] = ()
+        fields = {ALIASES.get(k, k): v for k, v in fields.items() if v is not None}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown generation setting {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if isinstance(fields.get("stop"), str):
+            fields["stop"] = (fields["stop"],)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        return dataclasses.replace(base or cls(), **fields)
 
 
 @dataclass

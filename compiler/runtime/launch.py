@@ -9,7 +9,6 @@ others' output goes to a log, whose last line is shown if that rank fails.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -18,15 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from compiler.runtime.manifest import read_engine
+
 
 def world_size(artifact: str | Path) -> int:
     """Ranks of an artifact (1 for single-rank ones), from engine.json."""
     try:
-        d = json.loads((Path(artifact) / "engine.json").read_text())
-    except (OSError, ValueError):
+        parallel = read_engine(Path(artifact)).parallel
+    except (OSError, ValueError):  # not an artifact: load() says so
         return 1
-    p = d.get("parallel") or {}
-    return int(p.get("tp", 1)) * int(p.get("pp", 1))
+    return 1 if parallel is None else parallel.world_size
 
 
 def inside_group() -> bool:

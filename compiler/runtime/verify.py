@@ -12,23 +12,17 @@ refused too: `kiln build` rebuilds it (its up-to-date check fails).
 
 from __future__ import annotations
 
-import json
 import re
 import stat
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from compiler.errors import KilnError
+from compiler.runtime import manifest as records
 from compiler.runtime.hashing import sha256_file
+from compiler.runtime.manifest import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered
 
-
-MANIFEST = "kiln.json"
-MAX_MANIFEST_BYTES = 16 << 20  # a kiln.json read from an archive or a registry, in memory
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class ArtifactTampered(ValueError):
-    pass
 
 
 class Listed(NamedTuple):
@@ -78,20 +72,10 @@ def listing(manifest: object, where: object) -> dict[str, Listed]:
     return out
 
 
-def read_manifest(path: Path) -> dict:
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file() or manifest_path.is_symlink():
-        raise ArtifactTampered(f"{path} has no kiln.json: not a kiln artifact, or an incomplete copy")
-    try:
-        return json.loads(manifest_path.read_text())
-    except (ValueError, RecursionError) as e:
-        raise ArtifactTampered(f"{path}: kiln.json is not valid JSON ({e}); re-pull or rebuild the artifact") from None
-
-
 def verify_artifact(path: Path) -> dict:
     """Check the directory against its kiln.json (see the module docstring); returns the manifest."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = records.read_manifest(path).data
     files = listing(manifest, path)
     for entry in sorted(path.iterdir()):
         if entry.name != MANIFEST and entry.name not in files:
@@ -123,5 +107,4 @@ def verified(path: Path, prefix: str = "", fix: str | None = None) -> dict:
         raise KilnError(f"{prefix}{e}", fix) from None
 
 
-__all__ = ["ArtifactTampered", "Listed", "MANIFEST", "MAX_MANIFEST_BYTES", "listing", "read_manifest", "record",
-           "verified", "verify_artifact"]
+__all__ = ["ArtifactTampered", "Listed", "MANIFEST", "MAX_MANIFEST_BYTES", "listing", "record", "verified", "verify_artifact"]

@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compiler.runtime.core import SchedulerConfig
 from compiler.runtime.engine import Engine, Generation, GenerationConfig
+from compiler.runtime.settings import RuntimeSettings
 from compiler.serve.jobs import Job, Overloaded, Unavailable
 from compiler.serve.metrics import Metrics
 from compiler.serve.reply import JobStream, Reply, failure
@@ -45,9 +45,8 @@ class _Params(BaseModel):
         return n
 
     def config(self, chat: bool) -> GenerationConfig:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                                top_p=self.top_p, seed=self.seed, stop=stop, chat=chat)
+        return GenerationConfig.of(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                                   top_p=self.top_p, seed=self.seed, stop=self.stop, chat=chat)
 
 
 class CompletionRequest(_Params):
@@ -67,11 +66,11 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def create_app(engine: Engine, name: str, max_queue: int = 64, scheduler: SchedulerConfig | None = None) -> FastAPI:
+def create_app(engine: Engine, name: str, max_queue: int = 64, settings: RuntimeSettings | None = None) -> FastAPI:
     """Requests join the running batch as KV rows free up and are answered as they finish;
-    scheduler: rows, the per-step token budget and the prefix cache (runtime/core.py)."""
+    settings: rows, the per-step token budget, the prefix cache, speculation (runtime/settings.py)."""
     metrics = Metrics()
-    batcher = EngineWorker(engine, max_queue, scheduler, metrics)
+    batcher = EngineWorker(engine, max_queue, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -10,14 +10,15 @@ that fails answers only the requests of the failing call (the core reports them)
 
 from __future__ import annotations
 
-from compiler.runtime.core import EngineCore, SchedulerConfig, StepOutput
+from compiler.runtime.core import StepOutput
 from compiler.runtime.engine import Engine
+from compiler.runtime.settings import RuntimeSettings
 from compiler.serve.jobs import Job, Worker
 
 
 class EngineWorker(Worker):
-    def __init__(self, engine: Engine, max_queue: int = 64, config: SchedulerConfig | None = None, metrics=None):
-        self.core = EngineCore(engine, config)
+    def __init__(self, engine: Engine, max_queue: int = 64, settings: RuntimeSettings | None = None, metrics=None):
+        self.core = (settings or RuntimeSettings()).core(engine)
         self.metrics = metrics
         self.jobs_by_request: dict[int, Job] = {}
         super().__init__(engine, max_queue, "kiln-engine")

@@ -8,7 +8,6 @@ referenced by its absolute path, or copied into the model directory with copy=Tr
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import jinja2
 
 from compiler.errors import KilnError
+from compiler.runtime.manifest import read_engine
 from compiler.runtime.verify import verified
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -35,8 +35,8 @@ class TritonOptions:
 def export(artifact: Path, repo: Path, opts: TritonOptions = TritonOptions()) -> Path:
     artifact = Path(artifact).resolve()
     verified(artifact, fix="rebuild the artifact before exporting it")
-    engine = json.loads((artifact / "engine.json").read_text())
-    if engine.get("task", "generate") != "generate":
+    engine = read_engine(artifact)
+    if engine.task != "generate":
         raise KilnError(f"{artifact.name} is not a text generator", "export decoder artifacts to Triton")
     name = opts.name or artifact.name.replace(".", "_")
     model_dir = Path(repo) / name
@@ -49,7 +49,7 @@ def export(artifact: Path, repo: Path, opts: TritonOptions = TritonOptions()) ->
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True, autoescape=False)
     (model_dir / "config.pbtxt").write_text(env.get_template("triton_config.pbtxt.j2").render(
         name=name, artifact=str(target), artifact_name=artifact.name, instances=opts.instances, threads=opts.threads,
-        max_batch=min(opts.max_batch, engine["max_batch"]), decoupled=opts.decoupled))
+        max_batch=min(opts.max_batch, engine.max_batch), decoupled=opts.decoupled))
     repo_root = str(REPO_ROOT) if (REPO_ROOT / "compiler").is_dir() else None
     (model_dir / "1" / "model.py").write_text(env.get_template("triton_model.py.j2").render(repo_root=repo_root))
     return model_dir

@@ -8,14 +8,15 @@ The artifact is verified against its kiln.json first: a tampered one is refused 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx_ir as ir
 
 from compiler.errors import KilnError
 from compiler.ir.builder import initializer_bytes
+from compiler.runtime.manifest import read_engine
 from compiler.runtime.verify import verified
 
 
@@ -24,7 +25,7 @@ def inspect_artifact(path: Path) -> dict:
     if not (path / "kiln.json").is_file():
         raise KilnError(f"{path} is not a kiln artifact (no kiln.json)", "pass a directory written by `kiln build`")
     manifest = verified(path, "the artifact fails verification: ")  # the refusal names the file and the fix
-    engine = json.loads((path / "engine.json").read_text())
+    engine = asdict(read_engine(path))  # checked on the way (a malformed engine.json names its problem)
     if engine["backend"] == "tensorrt":
         return _inspect_plan(path, manifest, engine)
     model = ir.load(path / engine["model_file"])

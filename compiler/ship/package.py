@@ -17,7 +17,6 @@ verified, and only then replace the one directory of that name (if it is a kiln 
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import shutil
 import tarfile
@@ -28,6 +27,7 @@ from pathlib import Path
 from compiler.errors import KilnError
 from compiler.fsutil import is_artifact_name, replace_dir
 from compiler.runtime.hashing import sha256_file
+from compiler.runtime.manifest import Manifest
 from compiler.runtime.verify import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered, Listed, listing, verified
 
 _NOT_OURS = "pass an archive written by `kiln package` (rebuild and re-package the artifact if it is older)"
@@ -95,11 +95,7 @@ def _extract(tar: tarfile.TarFile, tmp: Path, archive: Path) -> str:
         raise KilnError(f"{archive}: {top}/kiln.json is {first.size} bytes (more than {MAX_MANIFEST_BYTES})", _NOT_OURS)
     raw = tar.extractfile(first).read()
     try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise KilnError(f"{archive}: {top}/kiln.json is not JSON ({e})", _NOT_OURS) from None
-    try:
-        expected: dict[str, Listed] = listing(manifest, archive)
+        expected: dict[str, Listed] = listing(Manifest.from_json(raw, f"{archive}: {top}").data, archive)
     except ArtifactTampered as e:
         raise KilnError(str(e)) from None
     (tmp / MANIFEST).write_bytes(raw)

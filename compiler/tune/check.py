@@ -18,7 +18,8 @@ from pathlib import Path
 
 def check(report: dict, rounds: int) -> dict:
     from compiler.runtime import load
-    from compiler.tune.replay import RuntimeSettings, replay, workload_trace
+    from compiler.runtime.settings import RuntimeSettings
+    from compiler.tune.replay import replay, workload_trace
     from compiler.tune.workload import load_workload
 
     w = load_workload(report["workload_file"])

@@ -19,38 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.runtime.core import EngineCore, SchedulerConfig
+from compiler.runtime.core import EngineCore
 from compiler.runtime.generation import GenerationConfig
-from compiler.runtime.speculative import SpeculativeConfig
-from compiler.serve.settings import BUILTIN as SERVE
+from compiler.runtime.settings import RuntimeSettings
 from compiler.tune.pareto import Measurement
 from compiler.tune.trace import TraceRequest, make_trace
 from compiler.tune.workload import Workload
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """What `kiln serve` takes on its command line, for one point of the search."""
-
-    max_num_seqs: int | None = SERVE["max_num_seqs"]  # None: the core's default (64 rows on CPU)
-    max_num_batched_tokens: int = SERVE["max_num_batched_tokens"]
-    threads: int | None = SERVE["threads"]  # None: the engine's (physical cores)
-    prefix_cache_tokens: int = SERVE["prefix_cache_tokens"]
-    speculate: str | None = None  # None | "ngram"
-    num_speculative: int | None = None
-
-    def scheduler(self) -> SchedulerConfig:
-        spec = SpeculativeConfig("ngram", self.num_speculative) if self.speculate == "ngram" else None
-        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               prefix_cache_tokens=self.prefix_cache_tokens, speculative=spec)
-
-    def key(self) -> str:
-        spec = f"ngram{self.num_speculative or 'a'}" if self.speculate else "nospec"
-        return (f"seqs{self.max_num_seqs or 'd'}-tok{self.max_num_batched_tokens}-thr{self.threads or 'd'}"
-                f"-pfx{self.prefix_cache_tokens}-{spec}")
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def realise(trace: list[TraceRequest], text_ids: np.ndarray, w: Workload) -> list[TraceRequest]:
@@ -88,7 +62,7 @@ class _Live:
 def replay(engine, trace: list[TraceRequest], workload: Workload, settings: RuntimeSettings, clock=time.perf_counter) -> Measurement:
     """One replay of `trace` on `engine` with `settings`; the engine's own threads are used (load
     it with settings.threads)."""
-    core = EngineCore(engine, settings.scheduler())
+    core = settings.core(engine)
     todo = deque(trace)
     live: dict[int, _Live] = {}
     ttfts, gaps, produced = [], [], 0
@@ -137,7 +111,7 @@ def _admit(core: EngineCore, todo: deque, live: dict, w: Workload, t0: float, cl
             if arrived > clock():
                 return
         todo.popleft()
-        cfg = GenerationConfig(max_new_tokens=r.max_new_tokens, stop_token_ids=())
+        cfg = GenerationConfig.of(max_new_tokens=r.max_new_tokens, ignore_eos=True)
         rid = core.add_request(list(r.prompt), cfg)
         live[rid] = _Live(arrived, arrived)
 

@@ -9,14 +9,16 @@ point recorded in the chosen artifact (kiln.json `tuned.<workload>` and its engi
 
 from __future__ import annotations
 
-import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-from compiler.serve.settings import BUILTIN
+from compiler.build.card import render
+from compiler.runtime.manifest import read_manifest, write_manifest
+from compiler.runtime.verify import record as record_files
+from compiler.runtime.settings import RuntimeSettings
 from compiler.tune.pareto import Point, describe, primary_metric
 from compiler.tune.tune import TuneResult
 
@@ -132,7 +134,7 @@ def _without_nulls(value):
 
 def serve_settings(runtime: dict) -> dict:
     """The runtime settings a recipe's `serve:` and kiln serve take (speculation is `speculative:`)."""
-    return {k: runtime[k] for k in BUILTIN if runtime.get(k) is not None}
+    return RuntimeSettings(**runtime).serve_section()
 
 
 def record(res: TuneResult, summary: dict) -> Path:
@@ -152,22 +154,11 @@ def record(res: TuneResult, summary: dict) -> Path:
 
 def _rewrite(artifact: Path, workload: str, entry: dict | None) -> None:
     """Set (or with None, drop) kiln.json's tuned.<workload>, re-render the card, re-record its hash."""
-    from compiler.build.card import render
-    from compiler.runtime.verify import record as record_files
-
-    manifest_path = artifact / "kiln.json"
-    manifest = json.loads(manifest_path.read_text())
-    tuned = manifest.get("tuned") or {}
-    if entry is None and workload not in tuned:
+    before = read_manifest(artifact)
+    if entry is None and workload not in before.tuned:
         return
-    if entry is None:
-        del tuned[workload]
-    else:
-        tuned[workload] = entry
-    manifest["tuned"] = tuned
+    manifest = before.with_tuned(workload, entry)
     card = artifact / "README.md"
-    card.write_text(render(manifest))
-    record_files(manifest, [card])
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    tmp.replace(manifest_path)
+    card.write_text(render(manifest.data))
+    record_files(manifest.data, [card])
+    write_manifest(artifact, manifest)

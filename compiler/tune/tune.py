@@ -20,7 +20,8 @@ from typing import Callable
 from compiler.errors import KilnError
 from compiler.build.recipe import Recipe, load_recipe, parse_recipe
 from compiler.tune.pareto import Search, SearchResult
-from compiler.tune.replay import RuntimeSettings, replay, workload_trace
+from compiler.runtime.settings import RuntimeSettings
+from compiler.tune.replay import replay, workload_trace
 from compiler.tune.workload import Workload, load_workload, workload_path
 
 MAX_PPL_INCREASE_PCT = 15.0  # the gate of quantised candidates when the recipe sets none

@@ -14,7 +14,7 @@ import httpx
 import uvicorn
 
 from compiler.runtime import load
-from compiler.runtime.core import SchedulerConfig
+from compiler.runtime.settings import RuntimeSettings
 from compiler.serve.app import create_app
 
 
@@ -25,10 +25,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, artifact, max_queue: int = 64, scheduler: SchedulerConfig | None = None):
+    def __init__(self, artifact, max_queue: int = 64, settings: RuntimeSettings | None = None):
         self.engine = load(artifact)
         self.port = free_port()
-        self.app = create_app(self.engine, "tiny", max_queue, scheduler)
+        self.app = create_app(self.engine, "tiny", max_queue, settings)
         self.batcher = self.app.state.batcher
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error")
         self.server = uvicorn.Server(config)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from compiler.runtime import load
-from compiler.runtime.core import SchedulerConfig
+from compiler.runtime.settings import RuntimeSettings
 from compiler.runtime.engine import Generation, GenerationConfig
 from compiler.serve.jobs import Job
 from compiler.serve.worker import EngineWorker
@@ -132,7 +132,7 @@ def test_clients_that_hang_up_are_cancelled_and_free_the_engine(tiny_artifacts):
 def test_streams_dropped_mid_stream_free_their_slots(tiny_artifacts):
     """Four streams fill the in-flight batch and hang up after their first tokens: the slots are
     freed at the next step, so a new request is answered without waiting for 4 x 200 tokens."""
-    s = Server(tiny_artifacts[("llama", "contrib")], scheduler=SchedulerConfig(max_num_seqs=4))
+    s = Server(tiny_artifacts[("llama", "contrib")], settings=RuntimeSettings(max_num_seqs=4))
     gate = Gate(s.engine.session, budget=0)
     try:
         with s.submissions() as jobs, httpx.Client(base_url=s.url, timeout=60) as c:

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from compiler.build.recipe import load_recipe, parse_recipe
-from compiler.tune.replay import RuntimeSettings, realise, replay
+from compiler.runtime.settings import RuntimeSettings
+from compiler.tune.replay import realise, replay
 from compiler.tune.trace import make_trace
 from compiler.tune.tune import runtime_candidates, variants
 from compiler.tune.workload import parse_workload
@@ -81,7 +82,7 @@ def test_tiny_tune_end_to_end(tiny_checkpoints, tmp_path, capsys):
     """A 30 s tune: one quantised candidate fails its gate and is dropped with why; the choice is
     written as a tuned recipe, a plot, a report and the artifact's record, which serve reads."""
     from compiler.cli import main
-    from compiler.serve.settings import resolve
+    from compiler.tune.check import check
 
     recipe = _recipe(tmp_path, tiny_checkpoints["llama"], quality={"window": 64, "min_top1_agreement": 0.9999})
     workload = tmp_path / "small.yaml"
@@ -104,12 +105,17 @@ def test_tiny_tune_end_to_end(tiny_checkpoints, tmp_path, capsys):
     from compiler.runtime import load
 
     load(out / "tiny")  # the card's new hash is recorded: the artifact still verifies
-    runtime, _ = resolve({}, out / "tiny", "small")
-    assert runtime["max_num_batched_tokens"] == chosen["max_num_batched_tokens"]
+    settings = RuntimeSettings.resolve(out / "tiny", {}, "small")
+    assert settings.max_num_batched_tokens == chosen["max_num_batched_tokens"]
+    assert RuntimeSettings.resolve(out / "tiny", {"max_num_batched_tokens": 7}, "small").max_num_batched_tokens == 7  # a flag wins
     with pytest.raises(ValueError, match="was not tuned for workload 'chat' \\(tuned for: small\\)"):
-        resolve({}, out / "tiny", "chat")
-    if line["fresh_process_gain"] is not None:
-        assert line["fresh_process_gain"] > 0
+        RuntimeSettings.resolve(out / "tiny", {}, "chat")
+    # the fresh-process check runs exactly when the choice is not the default, and measures a gain
+    chose_default = report["chosen"]["key"] == report["default"]["key"]
+    assert (line["fresh_process_gain"] is None) == chose_default == (report.get("fresh_process") is None)
+    again = check(report, rounds=1)  # the same check, run here whatever was chosen
+    assert again["gain"] > 0 and len(again["default"]) == len(again["chosen"]) == 1
+    assert all(m["throughput_tok_s"] > 0 for m in again["default"] + again["chosen"])
 
 
 @pytest.mark.parametrize("argv,message", [

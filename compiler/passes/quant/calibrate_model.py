@@ -1,35 +1,38 @@
 """Calibration of a model for a recipe: builds the calibration graph and collects statistics.
 
-The calibration graph is the model's own graph built with max_seq = calibration seq_len and
-the recipe's passes, so its MatMul names are exactly those the quantiser sees in the engine
-graph. Statistics are collected layer by layer (calibration.collect).
+The calibration graph is the model's own graph built with max_seq = calibration seq_len and run
+through the passes the build's pipeline gives it (build/pipeline.py: calibration_plan), so its
+MatMul names are exactly those the quantiser sees in the engine graph. Statistics are collected
+layer by layer (calibration.collect).
 """
 
 from __future__ import annotations
 
 from compiler.frontend.checkpoint import Checkpoint
-from compiler.passes import PassManager, recipe_passes
+from compiler.passes import PassManager
+from compiler.passes.base import Pass
 from compiler.passes.quant.calibration import CalibrationConfig, calibration_tokens, collect
 
 
-def calibrate(recipe, arch, cfg, ckpt: Checkpoint, progress: bool = True, source_digest: str | None = None) -> dict:
-    """Statistics for the recipe's calibration settings; shared through the build cache by every
-    recipe with the same source, settings and passes (when source_digest is given)."""
+def calibrate(recipe, arch, cfg, ckpt: Checkpoint, passes: list[Pass], progress: bool = True,
+              source_digest: str | None = None) -> dict:
+    """Statistics for the recipe's calibration settings on the graph `passes` make; shared through
+    the build cache by every recipe with the same source, settings and passes (when source_digest is given)."""
     from compiler.build import cache as build_cache
 
     cal = recipe.quantization.calibration
-    stats_key = build_cache.key("calibration", source_digest, cal.model_dump(mode="json"), list(recipe.passes)) if source_digest else None
+    stats_key = build_cache.key("calibration", source_digest, cal.model_dump(mode="json"), [p.name for p in passes]) if source_digest else None
     if stats_key and (cached := build_cache.load_stats(stats_key)) is not None:
         return cached
-    stats = _collect(recipe, arch, cfg, ckpt, progress)
+    stats = _collect(recipe, arch, cfg, ckpt, passes, progress)
     if stats_key:
         build_cache.save_stats(stats_key, stats)
     return stats
 
 
-def _collect(recipe, arch, cfg, ckpt: Checkpoint, progress: bool) -> dict:
+def _collect(recipe, arch, cfg, ckpt: Checkpoint, passes: list[Pass], progress: bool) -> dict:
     cal = recipe.quantization.calibration
     cc = CalibrationConfig(source=cal.source, samples=cal.samples, seq_len=cal.seq_len)
     tokens = calibration_tokens(ckpt.root / "tokenizer.json", cc)  # [samples, seq_len]
-    graph = PassManager(recipe_passes(recipe.passes, calibration=True)).run(arch.build(cfg, ckpt, cal.seq_len))
+    graph = PassManager(passes).run(arch.build(cfg, ckpt, cal.seq_len))
     return collect(graph, tokens, progress=progress)
