@@ -81,7 +81,7 @@ class RuntimeSettings:
             draft = None
         cfg = engine.config
         return cls(max_num_seqs=min(n, cfg.max_batch), max_num_batched_tokens=max(cfg.max_seq, n), prefix_cache_tokens=0,
-                   speculate=None if speculate is False else speculate, draft=draft, num_speculative=num_speculative)
+                   speculate="off" if speculate is False else speculate, draft=draft, num_speculative=num_speculative)
 
     # -- into the core -----------------------------------------------------------------------------
     def speculative(self, engine) -> SpeculativeConfig | None:

@@ -58,7 +58,7 @@ def test_engine_that_samples_returns_token_ids(tiny_checkpoints, tmp_path):
     assert {"logits", "next_tokens"} <= {t["name"] for t in engine["outputs"]}
     assert {"temperature", "top_k", "top_p", "draws"} <= {t["name"] for t in engine["inputs"]}
     fused = load(art)
-    assert fused.session.samples and not plain.session.samples
+    assert fused.session.capabilities.samples and not plain.session.capabilities.samples
     prompts = ["The tiny model says", "Once upon a time"]
     for kw in ({}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}, {"temperature": 1.2, "seed": 11}):
         got = [g.token_ids for g in fused.generate(prompts, max_new_tokens=12, stop_token_ids=(), **kw)]

@@ -63,15 +63,30 @@ def triton(tiny_artifacts, tmp_path_factory):
         proc.wait()
 
 
-def _stream(url: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+_TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32),
+          "seed": ("INT64", np.int64), "chat": ("BOOL", np.bool_)}
+
+
+def _input(name: str, value) -> "grpcclient.InferInput":
+    if name == "stop":  # a list of strings
+        arr = np.array([s.encode() for s in value], dtype=np.object_)
+        kind = "BYTES"
+    else:
+        kind, dtype = _TYPES[name]
+        arr = np.array([value], dtype=dtype)
+    x = grpcclient.InferInput(name, list(arr.shape), kind)
+    x.set_data_from_numpy(arr)
+    return x
+
+
+def _stream(url: str, prompt: str, max_tokens: int, **settings) -> tuple[str, int]:
     client = grpcclient.InferenceServerClient(url)
     out: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: out.put((result, error)))
     text_in = grpcclient.InferInput("text_input", [1], "BYTES")
     text_in.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
-    limit = grpcclient.InferInput("max_tokens", [1], "INT32")
-    limit.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
-    client.async_stream_infer("tiny", [text_in, limit], enable_empty_final_response=True)
+    inputs = [text_in] + [_input(k, v) for k, v in {"max_tokens": max_tokens, **settings}.items()]
+    client.async_stream_infer("tiny", inputs, enable_empty_final_response=True)
     text, pieces = "", 0
     while True:
         result, error = out.get(timeout=120)
@@ -98,3 +113,18 @@ def test_streaming_generation_matches_the_runtime(triton):
     want = load(artifact).generate("Once upon a time", max_new_tokens=16)
     text, pieces = _stream(url, "Once upon a time", 16)
     assert text == want.text and pieces > 1
+
+
+def test_every_generation_setting_reaches_the_engine(triton):
+    """Stop strings, top-k sampling with a seed and chat templating, sent as Triton inputs, give
+    what the runtime gives for the same settings (they go through the same conversion)."""
+    artifact, url, _ = triton
+    engine = load(artifact)
+    prompt = "Once upon a time"
+    plain = engine.generate(prompt, max_new_tokens=16).text
+    stop = plain[len(plain) // 2: len(plain) // 2 + 3]
+    for settings in ({"stop": [stop]}, {"top_k": 5, "temperature": 1.0, "seed": 3}, {"chat": True}):
+        want = engine.generate(prompt, max_new_tokens=16, **settings).text
+        got, _ = _stream(url, prompt, 16, **settings)
+        assert got == want, settings
+    assert engine.generate(prompt, max_new_tokens=16, stop=[stop]).text != plain  # the stop string did cut it

@@ -47,7 +47,11 @@ def test_archive_digest_is_deterministic(artifact, tmp_path):
 def test_unpacked_archive_loads_and_generates(artifact, tmp_path):
     archive, _ = package(artifact, tmp_path / "pkg")
     out = unpack(archive, tmp_path / "unpacked")
-    assert load(out).generate("Hello", max_new_tokens=4).token_ids
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in artifact.iterdir())
+    assert verify_artifact(out)["files"] == verify_artifact(artifact)["files"]  # the same bytes, listed alike
+    prompt = "Once upon a time"
+    source, unpacked = (load(a).generate(prompt, max_new_tokens=12, stop_token_ids=()) for a in (artifact, out))
+    assert len(unpacked.token_ids) == 12 and unpacked.token_ids == source.token_ids
 
 
 def test_tampered_file_is_refused_on_load(artifact, capsys):
