@@ -112,6 +112,20 @@ def test_runtime_imports_nothing_of_the_build_side():
     assert {m: d for m, d in bad.items() if d} == {}
 
 
+# the layers below the build: they never reach up into the stages that drive them
+LOWER = ("compiler.frontend", "compiler.ir", "compiler.passes", "compiler.backends")
+UPPER = ("compiler.build", "compiler.ship", "compiler.serve", "compiler.tune", "compiler.cli")
+
+
+def test_imports_flow_one_way():
+    graph = _graph()
+    up = {m: sorted(d for d in deps if d.startswith(UPPER)) for m, deps in graph.items() if m.startswith(LOWER)}
+    assert {m: d for m, d in up.items() if d} == {}
+    shipped = {m: sorted(d for d in deps if d.startswith(("compiler.serve", "compiler.tune")))
+               for m, deps in graph.items() if m.startswith(("compiler.build", "compiler.ship"))}
+    assert {m: d for m, d in shipped.items() if d} == {}
+
+
 def test_runtime_third_party_imports_are_what_a_server_has():
     mods = _modules()
     stdlib = set(sys.stdlib_module_names)

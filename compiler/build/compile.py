@@ -23,7 +23,7 @@ import onnx_ir as ir
 from compiler import backends
 from compiler.backends.base import ModelFacts
 from compiler.build import cache as build_cache, pipeline, ranks as build_ranks
-from compiler.build.memory import return_freed_memory
+from compiler.memory import return_freed_memory
 from compiler.build.recipe import Recipe
 from compiler.errors import KilnError
 from compiler.frontend import models

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from compiler.build import cache as build_cache
 from compiler.frontend.models.architecture import Architecture
 from compiler.passes import plugin_ops, recipe_passes
+from compiler.passes.quant.calibrate_model import calibrate
 from compiler.passes.base import Pass, PassResult
 
 
@@ -106,17 +108,28 @@ class Quantize(Pass):
         q, ctx = self.recipe.quantization, self.ctx
         stats = None
         if needs_calibration(q):
-            from compiler.passes.quant.calibrate_model import calibrate
-
             t = time.perf_counter()
-            stats = calibrate(self.recipe, ctx.arch, ctx.cfg, ctx.ckpt, calibration_plan(self.recipe), ctx.progress,
-                              source_digest=ctx.digest)
+            stats = self._statistics()
             self.calibration_s = time.perf_counter() - t
         gguf = _gguf_source(self.recipe, ctx) if q.scheme == "gguf" else None
         level4, trt = self.recipe.onnxruntime.int4_accuracy_level == 4, self.recipe.backend == "tensorrt"
         result = quantizer(q, stats, gguf, level4 and not trt, trt).run(model)
         del stats  # the statistics die with this pass: nothing holds them into the backend's peak
         return result
+
+
+    def _statistics(self) -> dict:
+        """Calibration statistics of the calibration plan's graph, shared through the build cache by
+        every recipe with the same source, calibration settings and passes (when the digest is known)."""
+        ctx, passes = self.ctx, calibration_plan(self.recipe)
+        cal = self.recipe.quantization.calibration
+        key = build_cache.key("calibration", ctx.digest, cal.model_dump(mode="json"), [p.name for p in passes]) if ctx.digest else None
+        if key and (cached := build_cache.load_stats(key)) is not None:
+            return cached
+        stats = calibrate(self.recipe, ctx.arch, ctx.cfg, ctx.ckpt, passes, ctx.progress)
+        if key:
+            build_cache.save_stats(key, stats)
+        return stats
 
 
 def _gguf_source(recipe, ctx: Context):

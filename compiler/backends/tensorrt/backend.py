@@ -20,7 +20,7 @@ from compiler.backends.tensorrt import attention, collectives, ops, quant, trt_m
 from compiler.backends.tensorrt.network import Lowering, LoweringError
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.errors import KilnError
-from compiler.build.memory import return_freed_memory
+from compiler.memory import return_freed_memory
 from compiler.runtime.config import Capabilities, EngineConfig, KVCacheSpec, ParallelSpec, TensorRTSpec, TensorSpec
 
 ENGINE_FILE = "rank0.engine"

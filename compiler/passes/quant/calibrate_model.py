@@ -14,20 +14,10 @@ from compiler.passes.base import Pass
 from compiler.passes.quant.calibration import CalibrationConfig, calibration_tokens, collect
 
 
-def calibrate(recipe, arch, cfg, ckpt: Checkpoint, passes: list[Pass], progress: bool = True,
-              source_digest: str | None = None) -> dict:
-    """Statistics for the recipe's calibration settings on the graph `passes` make; shared through
-    the build cache by every recipe with the same source, settings and passes (when source_digest is given)."""
-    from compiler.build import cache as build_cache
-
-    cal = recipe.quantization.calibration
-    stats_key = build_cache.key("calibration", source_digest, cal.model_dump(mode="json"), [p.name for p in passes]) if source_digest else None
-    if stats_key and (cached := build_cache.load_stats(stats_key)) is not None:
-        return cached
-    stats = _collect(recipe, arch, cfg, ckpt, passes, progress)
-    if stats_key:
-        build_cache.save_stats(stats_key, stats)
-    return stats
+def calibrate(recipe, arch, cfg, ckpt: Checkpoint, passes: list[Pass], progress: bool = True) -> dict:
+    """Statistics for the recipe's calibration settings on the graph `passes` make (the build
+    caches them: build/pipeline.py)."""
+    return _collect(recipe, arch, cfg, ckpt, passes, progress)
 
 
 def _collect(recipe, arch, cfg, ckpt: Checkpoint, passes: list[Pass], progress: bool) -> dict:
