@@ -57,8 +57,12 @@ class RuntimeSettings:
             unknown = sorted(set(layer) - set(names))
             if unknown:
                 raise ValueError(f"unknown runtime setting {', '.join(unknown)}; known: {', '.join(names)}")
-        return cls(**{n: v for n in names for v in [next((x[n] for x in layers if x.get(n) is not None), None)]
-                      if v is not None})
+        values = {}
+        for name in names:
+            value = next((layer[name] for layer in layers if layer.get(name) is not None), None)
+            if value is not None:
+                values[name] = value
+        return cls(**values)
 
     @classmethod
     def resolve(cls, artifact: Path, flags: dict, workload: str | None = None) -> "RuntimeSettings":
@@ -69,6 +73,8 @@ class RuntimeSettings:
         if flags.get("speculate") is not None or flags.get("draft"):  # speculation is chosen as a whole
             record = {k: v for k, v in record.items() if k not in ("speculate", "num_speculative")}
         engine = EngineConfig.load(artifact / "engine.json").serve or {}
+        if not isinstance(engine, dict):
+            raise ValueError(f"{artifact}: engine.json's serve section is not a mapping; rebuild the artifact")
         return cls.layered(flags, record, engine)
 
     @classmethod
@@ -120,4 +126,7 @@ def tuned_record(artifact: Path, workload: str) -> dict:
         have = ", ".join(sorted(tuned)) or "none"
         raise ValueError(f"{artifact} was not tuned for workload {workload!r} (tuned for: {have}); "
                          f"run `kiln tune RECIPE --workload {workload}` and serve the artifact it names")
-    return tuned[workload]
+    entry = tuned[workload]
+    if not isinstance(entry, dict) or not isinstance(entry.get("serve", {}), dict):
+        raise ValueError(f"{artifact}: kiln.json's record of workload {workload!r} is malformed; tune again")
+    return entry

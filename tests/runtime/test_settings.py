@@ -82,3 +82,11 @@ def test_one_conversion_of_a_request_into_a_generation_config():
     assert GenerationConfig.of(ignore_eos=True).stop_token_ids == ()
     with pytest.raises(ValueError, match="unknown generation setting logprobs"):
         GenerationConfig.of(logprobs=2)
+
+
+def test_a_malformed_tuned_record_is_refused_in_one_line(served, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(served, broken)
+    write_manifest(broken, read_manifest(broken).with_tuned("chat", {"serve": [1, 2]}))
+    with pytest.raises(ValueError, match="record of workload 'chat' is malformed; tune again"):
+        RuntimeSettings.resolve(broken, {}, "chat")
