@@ -67,11 +67,12 @@ test: setup model
 support-matrix: setup
 	$(BIN)/python scripts/support_matrix.py
 
-bench: setup model
+bench: setup model smollm2-135m
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --out bench-results/bench.json
 	$(BIN)/python benchmarks/bench_parallel.py --out bench-results/bench-parallel.json
 	$(BIN)/python benchmarks/bench_speculative.py --out bench-results/bench-speculative.json
+	$(BIN)/python benchmarks/bench_cpu_kernels.py --artifact artifacts/smollm2-135m --out bench-results/bench-cpu-kernels.json
 
 bench-plugins: setup   ## plugin kernels vs torch eager and the bandwidth bound (needs an NVIDIA GPU)
 	$(BIN)/python benchmarks/bench_plugins.py --out bench-results/bench-plugins.json
