@@ -22,13 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.runtime.kv_manager import KVManager
-from compiler.runtime.packing import pack
+from compiler.runtime.packing import Call, pack
 from compiler.runtime.request import Request
 from compiler.runtime.sampling import sample
 from compiler.runtime.scheduler import StepPlan
 from compiler.runtime.speculative import Speculator
-
-Call = dict  # row -> (request, tokens fed this call)
 
 
 @dataclass
