@@ -26,13 +26,16 @@
         float *s = malloc(sizeof(float) * (size_t)g * n), acc[MAX_GROUP][256] = {{0}};      \
         float top[MAX_GROUP], sum[MAX_GROUP];                                                \
         for (int j = 0; j < g; j++) top[j] = -INFINITY, sum[j] = 0.f;                        \
+        float row[256];                                                                      \
         for (int t = 0; t < n; t++) {                                                        \
             const KT *kt = kr + (size_t)t * D;                                               \
+            const float ksc = KEY * scale;                                                   \
+            _Pragma("omp simd")                                                              \
+            for (int i = 0; i < D; i++) row[i] = (float)kt[i] * ksc; /* converted once */    \
             for (int j = 0; j < g; j++) {                                                    \
                 float d = 0.f;                                                               \
                 _Pragma("omp simd reduction(+:d)")                                           \
-                for (int i = 0; i < D; i++) d += qr[j * D + i] * (float)kt[i];               \
-                d *= KEY * scale;                                                            \
+                for (int i = 0; i < D; i++) d += qr[j * D + i] * row[i];                     \
                 s[j * n + t] = d;                                                            \
                 if (d > top[j]) top[j] = d;                                                  \
             }                                                                                \
@@ -45,10 +48,13 @@
         }                                                                                    \
         for (int t = 0; t < n; t++) {                                                        \
             const KT *vt = vr + (size_t)t * D;                                               \
+            const float vsc = VAL;                                                           \
+            _Pragma("omp simd")                                                              \
+            for (int i = 0; i < D; i++) row[i] = (float)vt[i] * vsc; /* converted once */    \
             for (int j = 0; j < g; j++) {                                                    \
-                const float p = s[j * n + t] * VAL;                                          \
+                const float p = s[j * n + t];                                                \
                 _Pragma("omp simd")                                                          \
-                for (int i = 0; i < D; i++) acc[j][i] += p * (float)vt[i];                   \
+                for (int i = 0; i < D; i++) acc[j][i] += p * row[i];                         \
             }                                                                                \
         }                                                                                    \
         for (int j = 0; j < g; j++)                                                          \
