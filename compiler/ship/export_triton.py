@@ -19,7 +19,7 @@ from compiler.runtime.manifest import read_engine
 from compiler.runtime.verify import verified
 
 TEMPLATES = Path(__file__).with_name("templates")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding compiler/ (this file is compiler/ship/)
 
 
 @dataclass(frozen=True)
