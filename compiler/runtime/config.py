@@ -115,13 +115,18 @@ class Capabilities:
     multi_token_rows: bool = True  # one call may feed several rows several tokens each over a past
 
 
+SAMPLING_INPUT_NAMES = ("temperature", "top_k", "top_p", "draws")  # kiln::Sample's per-row inputs (plugins/sample)
+
+
 def legacy_capabilities(d: dict) -> Capabilities:
-    """The capabilities of an engine.json written before they were declared, derived once, here."""
+    """The capabilities of an engine.json written before they were declared, derived once, here,
+    by the rules the ONNX Runtime backend declares them with (backends/onnxruntime/backend.py)."""
     host = d.get("backend") == "onnxruntime" and not d.get("parallel") and \
         d.get("session", {}).get("execution_provider", "CPUExecutionProvider") == "CPUExecutionProvider"
     names = {t["name"] for t in d.get("inputs", [])}
-    return Capabilities(sliceable=host, paged=host, samples={"temperature", "top_k", "top_p", "draws"} <= names,
-                        multi_token_rows="ort-contrib" not in str(d.get("graph_flavour", "")).split())
+    contrib = "ort-contrib" in str(d.get("graph_flavour", "")).split()
+    return Capabilities(sliceable=host, paged=host, samples=set(SAMPLING_INPUT_NAMES) <= names,
+                        multi_token_rows=not (host and contrib))
 
 
 @dataclass(frozen=True)

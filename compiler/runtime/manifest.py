@@ -5,7 +5,7 @@
   quality, cost, the CPU it was built on), `kiln tune`'s records and every file's sha256 and size.
 
     m = read_manifest(artifact)              # ArtifactTampered naming the problem
-    m.tuned, m.quality, m.files              # typed where kiln reads it; m.data holds it all
+    m.tuned, m.build_key                     # typed where kiln reads it; m.data holds it all
     write_manifest(artifact, m.with_tuned("chat", entry))   # atomic: a temp file renamed
     cfg = read_engine(artifact)              # InvalidEngineConfig naming the problem
 """
@@ -48,39 +48,22 @@ class Manifest:
     @classmethod
     def from_json(cls, raw: str | bytes, where: object = "kiln.json") -> "Manifest":
         try:
-            return cls.from_dict(json.loads(raw), where)
+            d = json.loads(raw)
         except (ValueError, RecursionError) as e:
-            if isinstance(e, ArtifactTampered):
-                raise
             raise ArtifactTampered(f"{where}: kiln.json is not valid JSON ({e}); re-pull or rebuild the artifact") from None
+        return cls.from_dict(d, where)
 
     def to_json(self) -> str:
         return json.dumps(self.data, indent=2, default=str) + "\n"
-
-    def _get(self, key: str, empty):
-        value = self.data.get(key)
-        return empty if value is None else value
-
-    @property
-    def name(self) -> str:
-        return self._get("name", "")
 
     @property
     def build_key(self) -> str | None:
         return self.data.get("build_key")
 
     @property
-    def quality(self) -> dict:
-        return self._get("quality", {})
-
-    @property
     def tuned(self) -> dict:
         """workload name -> the record `kiln tune` wrote for it."""
-        return self._get("tuned", {})
-
-    @property
-    def files(self) -> dict:
-        return self._get("files", {})
+        return self.data.get("tuned") or {}
 
     def with_tuned(self, workload: str, entry: dict | None) -> "Manifest":
         """This manifest with tuned.<workload> set, or with None dropped."""

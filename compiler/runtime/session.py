@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from compiler.runtime.config import Capabilities, EngineConfig, InvalidEngineConfig, SessionConfig
 from compiler.runtime.kv_memory import PagedArray
-from compiler.runtime.session_api import SAMPLING_INPUTS, checked, last_column
+from compiler.runtime.session_api import SAMPLING_INPUTS, checked, last_column, no_sampling
 
 
 def physical_cores() -> int:
@@ -141,8 +141,8 @@ class DecoderSession:
         the step then returns next_tokens [B] int64 and no logits leave the engine."""
         B = input_ids.shape[0]
         logits_positions = last_column(input_ids, logits_positions)
-        if sampling is not None and not self._sampling_inputs:
-            raise ValueError("this engine does not sample in its graph (capabilities.samples is false)")
+        if not self._sampling_inputs:
+            no_sampling(sampling)
         binding.set_input("input_ids", input_ids)
         binding.set_input("position_ids", position_ids)
         binding.set_input("logits_positions", logits_positions)

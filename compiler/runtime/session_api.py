@@ -21,9 +21,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from compiler.runtime.config import Capabilities, InvalidEngineConfig
+from compiler.runtime.config import SAMPLING_INPUT_NAMES, Capabilities, InvalidEngineConfig
 
-SAMPLING_INPUTS = {"temperature": np.float32, "top_k": np.int64, "top_p": np.float32, "draws": np.float32}
+SAMPLING_INPUTS = dict(zip(SAMPLING_INPUT_NAMES, (np.float32, np.int64, np.float32, np.float32)))  # name -> dtype
 
 
 @runtime_checkable

@@ -18,9 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.runtime.config import EngineConfig
 from compiler.runtime.core import EngineCore
-from compiler.runtime.manifest import read_manifest
+from compiler.runtime.manifest import read_engine, read_manifest
 from compiler.runtime.scheduler import SchedulerConfig
 from compiler.runtime.speculative import Draft, SpeculativeConfig, resolve
 
@@ -72,7 +71,7 @@ class RuntimeSettings:
         record = {**tuned.get("serve", {}), "speculate": tuned.get("speculate"), "num_speculative": tuned.get("num_speculative")}
         if flags.get("speculate") is not None or flags.get("draft"):  # speculation is chosen as a whole
             record = {k: v for k, v in record.items() if k not in ("speculate", "num_speculative")}
-        engine = EngineConfig.load(artifact / "engine.json").serve or {}
+        engine = read_engine(artifact).serve or {}
         if not isinstance(engine, dict):
             raise ValueError(f"{artifact}: engine.json's serve section is not a mapping; rebuild the artifact")
         return cls.layered(flags, record, engine)

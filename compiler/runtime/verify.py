@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from compiler.errors import KilnError
-from compiler.runtime import manifest as records
 from compiler.runtime.hashing import sha256_file
-from compiler.runtime.manifest import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered
+from compiler.runtime.manifest import MANIFEST, MAX_MANIFEST_BYTES, ArtifactTampered, read_manifest
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -75,7 +74,7 @@ def listing(manifest: object, where: object) -> dict[str, Listed]:
 def verify_artifact(path: Path) -> dict:
     """Check the directory against its kiln.json (see the module docstring); returns the manifest."""
     path = Path(path)
-    manifest = records.read_manifest(path).data
+    manifest = read_manifest(path).data
     files = listing(manifest, path)
     for entry in sorted(path.iterdir()):
         if entry.name != MANIFEST and entry.name not in files:

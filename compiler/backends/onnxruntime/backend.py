@@ -15,8 +15,7 @@ import onnx_ir as ir
 
 from compiler.backends.base import ModelFacts, RankOutput, RankTarget
 from compiler.ir.builder import initializer_bytes
-from compiler.runtime.config import Capabilities, EngineConfig, KVCacheSpec, ParallelSpec, SessionConfig, TensorSpec
-from compiler.runtime.session_api import SAMPLING_INPUTS
+from compiler.runtime.config import SAMPLING_INPUT_NAMES, Capabilities, EngineConfig, KVCacheSpec, ParallelSpec, SessionConfig, TensorSpec
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -103,7 +102,7 @@ class OnnxRuntimeBackend:
         in-graph sampling when the graph ends in kiln::Sample; several rows of several tokens over
         a past except with ONNX Runtime's GroupQueryAttention on CPU ("batch_size must be 1")."""
         host = self.recipe.onnxruntime.device != "cuda"
-        samples = set(SAMPLING_INPUTS) <= {v.name for v in model.graph.inputs}
+        samples = set(SAMPLING_INPUT_NAMES) <= {v.name for v in model.graph.inputs}
         return Capabilities(sliceable=host, paged=host, samples=samples,
                             multi_token_rows=not (host and self.recipe.onnxruntime.graph == "contrib"))
 
