@@ -88,7 +88,8 @@ def prepare(recipe: Recipe, source: Path, ckpt: Checkpoint, digest: str, build_k
 
 
 def compile_into(recipe: Recipe, prep: Prepared, out: Path, dump_ir: Path | None, progress: bool) -> BuildResult:
-    """Run the build pipeline on each rank's graph and have the backend write it into `out`."""
+    """Run the build pipeline on each rank's graph, have the backend write it into `out`, and copy
+    the tokenizer beside it: `out` then holds a loadable engine (no kiln.json yet)."""
     ctx = pipeline.Context(prep.arch, prep.cfg, prep.ckpt, prep.digest, progress)
     managers: list[PassManager] = []
     defaults = {k: getattr(recipe, k).model_dump(exclude_none=k == "serve") for k in ("speculative", "serve")
@@ -111,6 +112,8 @@ def compile_into(recipe: Recipe, prep: Prepared, out: Path, dump_ir: Path | None
               "emit_s": round(time.perf_counter() - t - calibration - passes_s, 2)}
     plugins = next((p.records for p in pm.passes if isinstance(p, plugin_ops.BindPlugins)), [])
     _log_plugins(plugins, out, progress)  # before the manifest hashes build.log
+    for f in prep.ckpt.tokenizer_files():
+        shutil.copy2(f, out / f.name)
     return BuildResult(emitted.engine, backend.record(emitted.engine), emitted.first_model_nodes, pm.records, plugins, stages)
 
 
@@ -180,7 +183,6 @@ def _log_plugins(records: list[dict], tmp: Path, progress: bool) -> None:
         print("\n".join(lines), file=sys.stderr)
 
 
-
 def compile_engine(recipe: Recipe, out: Path, progress: bool = False) -> BuildResult:
     """A runnable engine of `recipe` in `out` (the backend's files and the tokenizer; no gate,
     no kiln.json): what the quality gate compares against."""
@@ -189,8 +191,6 @@ def compile_engine(recipe: Recipe, out: Path, progress: bool = False) -> BuildRe
     digest = build_cache.source_digest(ckpt)
     prep = prepare(recipe, source, ckpt, digest, build_cache.key(recipe.resolved(), digest))
     result = compile_into(recipe, prep, out, None, progress)
-    for f in ckpt.tokenizer_files():
-        shutil.copy2(f, out / f.name)
     del prep
     return_freed_memory()  # the build's buffers, before engines load
     return result

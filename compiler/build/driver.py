@@ -57,8 +57,6 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     tmp.chmod(0o755)
     try:
         result = compile_into(recipe, prep, tmp, dump_ir, progress)
-        for f in ckpt.tokenizer_files():
-            shutil.copy2(f, tmp / f.name)
         t = time.perf_counter()
         if recipe.quantization and recipe.backend == "onnxruntime" and recipe.quality.gate:
             # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime

@@ -10,7 +10,8 @@
     legalise      legalise_onnxruntime                       onnxruntime, graph: contrib
 
 Single-rank and multi-rank builds take their passes from `plan`, and calibration graphs from
-`calibration_plan` (the frontend stage of the same plan), each run through one PassManager, so `--dump-ir` dumps after every pass and kiln.json records every one.
+`calibration_plan` (the frontend stage of the same plan), each run through one PassManager, so
+`--dump-ir` dumps after every pass and kiln.json records every one.
 Quantisation sits before the plugins' rewrites so its smoothing finds the sinks it knows, and
 binding before legalisation so a decomposed plugin op is fused like the graph it replaced. The
 backend's own rules are checked after the last pass (Backend.check, compiler/backends/base.py).
@@ -116,7 +117,6 @@ class Quantize(Pass):
         result = quantizer(q, stats, gguf, level4 and not trt, trt).run(model)
         del stats  # the statistics die with this pass: nothing holds them into the backend's peak
         return result
-
 
     def _statistics(self) -> dict:
         """Calibration statistics of the calibration plan's graph, shared through the build cache by
