@@ -150,7 +150,7 @@ def _ov_engine(artifact: Path, cfg, prompt, want, threads: int, reps: int) -> di
     err = float(np.abs(step(tok, pos).reshape(want.shape) - want).max())
 
     def again():
-        past.update({n: v for n, v in snapshot.items()})
+        past.update(snapshot)
         step(tok, pos)
     return {"case": "engine decode step (past 256)", "route": "openvino model.onnx", "ms": timed(again, reps), "max_err": err}
 

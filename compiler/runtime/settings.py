@@ -90,8 +90,7 @@ class RuntimeSettings:
 
     # -- into the core -----------------------------------------------------------------------------
     def speculative(self, engine) -> SpeculativeConfig | None:
-        ask = Draft(self.draft, self.num_speculative) if self.draft else self.speculate
-        return resolve(ask, engine, self.num_speculative)
+        return resolve(Draft(self.draft) if self.draft else self.speculate, engine, self.num_speculative)
 
     def scheduler(self, engine) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, kv_cache_gib=self.kv_cache_gib,
