@@ -53,7 +53,6 @@ class FakeCache:
 class FakeSession:
     def __init__(self, cfg: EngineConfig):
         self.cfg, self.capabilities, self.threads = cfg, cfg.capabilities, 1
-        self.calls: list[tuple[int, int]] = []  # (rows, tokens a row) of each call
 
     def new_cache(self, rows: int) -> FakeCache:
         paged = [PagedArray((rows, 1, self.cfg.max_seq, HEAD_DIM), np.float32) for _ in range(2)]
@@ -74,7 +73,6 @@ class FakeSession:
             raise ValueError(f"{B} rows fed to a binding of {binding.batch}")
         if S > 1 and B > 1 and not self.capabilities.multi_token_rows and position_ids[:, 0].any():
             raise ValueError("batch_size must be 1 when sequence_length > 1 and past context is given")
-        self.calls.append((B, S))
         for b in range(B):
             keys[b, 0, position_ids[b], 0] = input_ids[b]
             written[b, 0, position_ids[b], 0] = 1
