@@ -5,7 +5,8 @@
     frontend      the recipe's `passes` (merge_qkv, ...)      always
     quantisation  quantize_<scheme> (calibrates first), dce  quantization: in the recipe
     plugins       each plugin's rewrite (rmsnorm_residual...) plugins: in the recipe
-    bind          bind_plugins (bound, or decomposed)        plugins: in the recipe
+    kernels       fuse_paged_attention (kv rows of any dtype) kv_cache: {attention: kiln}
+    bind          bind_plugins (bound, or decomposed)        plugins:, or kiln's attention
     precision     to_float16 | to_bfloat16                   onnxruntime, precision not float32
     legalise      legalise_onnxruntime                       onnxruntime, graph: contrib
 
@@ -30,6 +31,7 @@ from compiler.frontend.models.architecture import Architecture
 from compiler.passes import plugin_ops, recipe_passes
 from compiler.passes.quant.calibrate_model import calibrate
 from compiler.passes.base import Pass, PassResult
+from plugins.paged_attention.rewrite import FusePagedAttention
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ def plan(recipe, ctx: Context, rank_passes: list[Pass] = ()) -> list[Pass]:
 
         passes += [Quantize(recipe, ctx), DeadCodeElimination()]
     passes += plugin_ops.rewrite_passes(recipe)
-    if recipe.plugins:
+    kv = recipe.kv_cache
+    if kv.kernel == "kiln":
+        passes.append(FusePagedAttention(kv.engine_dtype, (ctx.cfg.num_heads, ctx.cfg.num_kv_heads)))
+    if recipe.plugins or kv.kernel == "kiln":
         passes.append(plugin_ops.BindPlugins(recipe.backend))
     if recipe.backend == "onnxruntime":
         passes += _onnxruntime_passes(recipe, ctx.cfg)

@@ -37,6 +37,34 @@ class OnnxRuntimeOptions(StrictModel):
         return self
 
 
+KV_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}
+
+
+class KVCacheOptions(StrictModel):
+    """What the KV rows hold and which kernel attends over them. int8 and fp8 rows keep a float32
+    scale per token and head; every dtype but fp32 needs kiln's own attention kernel (ONNX Runtime's
+    CPU attention reads float32 caches only), which is the default for them."""
+
+    dtype: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = "fp32"
+    attention: Literal["onnxruntime", "kiln"] | None = Field(
+        None, description="kiln: the engine is cut at attention and kiln's CPU kernel runs it (plugins/paged_attention); "
+                          "none: kiln unless dtype is fp32")
+
+    @property
+    def kernel(self) -> str:
+        return self.attention or ("onnxruntime" if self.dtype == "fp32" else "kiln")
+
+    @property
+    def engine_dtype(self) -> str:
+        return KV_DTYPES[self.dtype]
+
+    @model_validator(mode="after")
+    def _dtype_needs_kernel(self):
+        if self.dtype != "fp32" and self.attention == "onnxruntime":
+            raise ValueError(f"dtype {self.dtype} needs attention: kiln (ONNX Runtime's CPU attention reads fp32 rows only)")
+        return self
+
+
 class ParallelOptions(StrictModel):
     """tp x pp ranks (rank = stage * tp + tp_rank). stages: explicit [first, end) layer ranges,
     one per pipeline stage; default an even split."""
@@ -106,6 +134,7 @@ class Recipe(StrictModel):
     quality: QualityLimits = QualityLimits()
     parallel: ParallelOptions = ParallelOptions()
     plugins: list[str] = []  # custom-op plugins whose rewrite passes run after `passes` (kiln plugins list)
+    kv_cache: KVCacheOptions = KVCacheOptions()
     speculative: SpeculativeOptions | None = None
     serve: ServeOptions | None = None
 
@@ -124,6 +153,18 @@ class Recipe(StrictModel):
         if not isinstance(ort, dict) or "int4_accuracy_level" in ort:
             return data
         return {**data, "onnxruntime": {**ort, "int4_accuracy_level": 0}}
+
+    @model_validator(mode="after")
+    def _kiln_attention_runs_here(self):
+        """kiln's attention kernel runs in the single-rank ONNX Runtime CPU runtime, on fp32 activations."""
+        if "paged_attention" in self.plugins:
+            raise ValueError("plugin paged_attention is chosen by kv_cache: {attention: kiln}, not by plugins:")
+        if self.kv_cache.kernel != "kiln":
+            return self
+        o, where = self.onnxruntime, f"kv_cache (dtype {self.kv_cache.dtype}, attention kiln)"
+        if self.backend != "onnxruntime" or o.device != "cpu" or o.precision != "float32" or self.parallel.world_size > 1:
+            raise ValueError(f"{where} runs on backend onnxruntime, device cpu, precision float32, tp = pp = 1 only")
+        return self
 
     @field_validator("passes")
     @classmethod

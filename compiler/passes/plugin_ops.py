@@ -34,6 +34,10 @@ PLUGIN_BINDINGS: dict[str, PluginBinding] = {
     "onnxruntime": PluginBinding(False, "ONNX Runtime's CPU provider has no kernels for the kiln domain"),
     "tensorrt": PluginBinding(False, "TensorRT-RTX's network API has no add_plugin_v3 (plugins bind through the ONNX parser only)"),
 }
+# ops a backend runs as kernels of its own, where its default above is the decomposition
+OP_BINDINGS: dict[tuple[str, str], PluginBinding] = {
+    ("onnxruntime", "PagedAttention"): PluginBinding(True, "the engine is cut at it and kiln's CPU kernel runs it between the parts"),
+}
 
 
 def rewrite_passes(recipe) -> list:
@@ -68,14 +72,15 @@ def bind(model: ir.Model, backend: str) -> tuple[ir.Model, list[dict]]:
     if not ops:
         return model, []
     counts = Counter(n.op_type for n in model.graph if n.domain == "kiln" and n.op_type in ops)
-    binding = PLUGIN_BINDINGS.get(backend, PluginBinding(False, f"{backend} binds no plugins"))
-    bound = "kernel" if binding.binds else "decomposition"
-    records = [{"op": f"kiln::{op}", "nodes": k, "bound": bound, "why": binding.why} for op, k in sorted(counts.items())]
-    if binding.binds:
-        return model, records
-    for r in records:
-        log.warning("plugin %s: %d nodes fall back to the decomposition (%s)", r["op"], r["nodes"], binding.why)
-    return decompose(model, ops), records
+    default = PLUGIN_BINDINGS.get(backend, PluginBinding(False, f"{backend} binds no plugins"))
+    records, decomposed = [], []
+    for op, k in sorted(counts.items()):
+        binding = OP_BINDINGS.get((backend, op), default)
+        records.append({"op": f"kiln::{op}", "nodes": k, "bound": "kernel" if binding.binds else "decomposition", "why": binding.why})
+        if not binding.binds:
+            log.warning("plugin kiln::%s: %d nodes fall back to the decomposition (%s)", op, k, binding.why)
+            decomposed.append(op)
+    return (decompose(model, decomposed) if decomposed else model), records
 
 
 class BindPlugins(Pass):

@@ -32,7 +32,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     max_seq: int
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | float16 | bfloat16 | int8 | float8_e4m3fn (int8, fp8: with scales)
     layout: str = "batch,kv_heads,max_seq,head_dim"
     key_input: str = "past_key.{i}"
     value_input: str = "past_value.{i}"
@@ -148,6 +148,9 @@ class EngineConfig:
     speculative: dict | None = None  # the recipe's speculative section: the runtime's default (runtime/speculative.py)
     serve: dict | None = None  # the recipe's serve section: kiln serve's defaults (runtime/settings.py)
     capabilities: Capabilities = Capabilities()  # what the session can do (see Capabilities)
+    # an engine cut at kiln's CPU kernels (runtime/kernel_session.py): {"part": file, "inputs", "outputs"}
+    # and {"kernel": "PagedAttention", "inputs", "outputs", ...attributes}, in order; [] for a whole graph
+    steps: list[dict] = field(default_factory=list)
     format: int = ENGINE_FORMAT
 
     def to_json(self) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler.runtime.config import Capabilities, EngineConfig, ParallelSpec, RankSpec
+from compiler.runtime.parts import open_parts, run_part
 from compiler.runtime.session import physical_cores, session_options
 from compiler.runtime.session_api import checked, last_column, no_sampling, whole_cache
 
@@ -80,8 +81,7 @@ class DistributedSession:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", spec.world_size))
         so = session_options(cfg.session, threads, config_entries, cores=max(1, physical_cores() // local))  # cores shared by the ranks
         self.threads = so.intra_op_num_threads
-        self.sessions = {s["part"]: ort.InferenceSession(str(engine_dir / s["part"]), so, providers=["CPUExecutionProvider"])
-                         for s in self.me.steps if "part" in s}
+        self.sessions = open_parts(engine_dir, self.me.steps, so)
 
     # -- the session interface ------------------------------------------------------------
     def new_cache(self, batch: int) -> RankCache:
@@ -143,19 +143,7 @@ class DistributedSession:
     # -- pieces ---------------------------------------------------------------------------
     def _run_part(self, s: dict, bound: tuple[ort.IOBinding, list], env: dict) -> None:
         io, kv = bound
-        for name in s["inputs"]:
-            if not name.startswith(KV_INPUTS):
-                io.bind_cpu_input(name, env[name])
-        io.clear_binding_outputs()
-        for name, buf in kv:
-            io.bind_ortvalue_output(name, buf)
-        wanted = [n for n in s["outputs"] if not n.startswith(("present_key.", "present_value."))]
-        for name in wanted:
-            io.bind_output(name)
-        self.sessions[s["part"]].run_with_iobinding(io)
-        values = io.get_outputs()  # in binding order: the caches, then `wanted`
-        for name, v in zip(wanted, values[len(kv):]):
-            env[name] = v.numpy()
+        run_part(self.sessions[s["part"]], io, s, env, kv)
 
     def _collective(self, s: dict, x: np.ndarray) -> np.ndarray:
         if s["collective"] != "AllReduce":

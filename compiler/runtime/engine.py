@@ -16,6 +16,7 @@ import numpy as np
 from compiler.runtime.config import EngineConfig
 from compiler.runtime.manifest import MANIFEST, read_manifest
 from compiler.runtime.generation import Generation, GenerationConfig, Timing
+from compiler.runtime.kernel_session import KernelSession
 from compiler.runtime.session import DecoderSession
 from compiler.runtime.core import EngineCore
 from compiler.runtime.settings import RuntimeSettings
@@ -45,6 +46,8 @@ class Engine:
             from compiler.runtime.cuda_session import CudaDecoderSession
 
             self.session = CudaDecoderSession(self.path, self.config, config_entries)
+        elif self.config.steps:
+            self.session = KernelSession(self.path, self.config, threads, config_entries)
         else:
             self.session = DecoderSession(self.path, self.config, threads, config_entries)
 

@@ -51,8 +51,8 @@ class KVManager:
         self.block_size = block_size
         self.prefix = None
         if prefix_tokens and caps.paged and caps.sliceable:
-            arrays = session.kv_arrays(self.rows.cache)  # [rows, kv_heads, max_seq, head_dim] each
-            self.prefix = PrefixCache([a.shape[1:4:2] for a in arrays], arrays[0].dtype, block_size,
+            arrays = session.kv_arrays(self.rows.cache)  # [rows, kv_heads, max_seq, head_dim (or 1: scales)] each
+            self.prefix = PrefixCache([(a.shape[1], a.shape[3], a.dtype) for a in arrays], block_size,
                                       max(prefix_tokens // block_size, 1))
 
     # -- admission -------------------------------------------------------------------------------

@@ -23,6 +23,21 @@ import numpy as np
 
 PAGE = mmap.PAGESIZE
 DEFAULT_KV_GIB = 4.0  # the KV budget of host rows when none is set
+# how each KV dtype of engine.json is held in numpy (bfloat16 and fp8 as their bits)
+STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8, "float8_e4m3fn": np.uint8}
+SCALED = ("int8", "float8_e4m3fn")  # rows with a float32 scale per token and head beside them
+
+
+def storage(kv) -> np.dtype:
+    """The numpy type of the rows of kv (the engine's KVCacheSpec)."""
+    if kv.dtype not in STORAGE:
+        raise ValueError(f"KV cache dtype {kv.dtype!r} is not one of {', '.join(STORAGE)}; rebuild the artifact")
+    return np.dtype(STORAGE[kv.dtype])
+
+
+def token_bytes(kv) -> int:
+    """Bytes of one token of one head's keys (or values): its values, and its scale if it has one."""
+    return kv.head_dim * storage(kv).itemsize + (4 if kv.dtype in SCALED else 0)
 
 
 class PagedArray:
@@ -77,9 +92,8 @@ class KVBlocks:
     @classmethod
     def for_cache(cls, kv, budget_gib: float | None) -> "KVBlocks":
         """kv: the engine's KVCacheConfig. A block is one page of one head's keys (at least one token)."""
-        itemsize = np.dtype(kv.dtype).itemsize
-        tokens = max(PAGE // (kv.head_dim * itemsize), 1)
-        block_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * itemsize * tokens
+        tokens = max(PAGE // (kv.head_dim * storage(kv).itemsize), 1)
+        block_bytes = 2 * kv.num_layers * kv.num_kv_heads * token_bytes(kv) * tokens
         capacity = None if budget_gib is None else int(budget_gib * 2**30 // block_bytes)
         return cls(tokens, block_bytes, capacity, budget_gib)
 

@@ -30,12 +30,13 @@ def block_keys(tokens: list[int], block_size: int, upto: int | None = None) -> l
 
 class PrefixCache:
     """Up to `num_blocks` blocks of `block_size` tokens, for caches whose layers are numpy
-    arrays [rows, kv_heads, max_seq, head_dim] (keys and values interleaved, as KVCache holds them)."""
+    arrays [rows, kv_heads, max_seq, head_dim] (keys and values interleaved, as the sessions hold
+    them; int8 / fp8 rows add their scales, [rows, kv_heads, max_seq, 1])."""
 
-    def __init__(self, layer_shapes: list[tuple[int, int]], dtype, block_size: int, num_blocks: int):
+    def __init__(self, layouts: list[tuple[int, int, np.dtype]], block_size: int, num_blocks: int):
         self.block_size, self.num_blocks = block_size, num_blocks
-        # one pool per cache array: [num_blocks, kv_heads, block_size, head_dim]
-        self.pools = [np.zeros((num_blocks, h, block_size, d), dtype=dtype) for h, d in layer_shapes]
+        # one pool per cache array (kv_heads, head_dim, dtype): [num_blocks, kv_heads, block_size, head_dim]
+        self.pools = [np.zeros((num_blocks, h, block_size, d), dtype=dtype) for h, d, dtype in layouts]
         self.index: OrderedDict[bytes, int] = OrderedDict()  # key -> block, least recently used first
         self.free = list(range(num_blocks))
         self.queried_tokens = self.hit_tokens = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from compiler.backends.base import ModelFacts, RankOutput, RankTarget
+from compiler.backends.onnxruntime.partition import DOMAIN, KERNELS, write_parts
 from compiler.ir.builder import initializer_bytes
 from compiler.runtime.config import SAMPLING_INPUT_NAMES, Capabilities, EngineConfig, KVCacheSpec, ParallelSpec, SessionConfig, TensorSpec
 
@@ -35,7 +36,9 @@ class OnnxRuntimeBackend:
         """What the graph became: standard, float16, ort-contrib, ort-contrib float16, ..."""
         o = self.recipe.onnxruntime
         half = "" if o.precision == "float32" else o.precision
-        return " ".join(filter(None, ["ort-contrib" if o.graph == "contrib" else "", half])) or "standard"
+        kv = self.recipe.kv_cache
+        kernel = f"kiln-attention {kv.engine_dtype}" if kv.kernel == "kiln" else ""
+        return " ".join(filter(None, ["ort-contrib" if o.graph == "contrib" else "", half, kernel])) or "standard"
 
     @property
     def flavour(self) -> str:
@@ -48,9 +51,9 @@ class OnnxRuntimeBackend:
     def emit_rank(self, model: ir.Model, target: RankTarget, out: Path) -> RankOutput:
         if target.single:
             save(model, out / MODEL_FILE, DATA_FILE, self.progress)
-            return RankOutput(MODEL_FILE, self._engine_of(model))
-        from compiler.backends.onnxruntime.partition import write_parts
-
+            cut = any(n.domain == DOMAIN and n.op_type in KERNELS for n in model.graph)
+            steps = write_parts(out / MODEL_FILE, "model") if cut else []  # kiln's kernels run between the parts
+            return RankOutput(MODEL_FILE, self._engine_of(model, steps))
         name = f"rank{target.rank}.onnx"
         save(model, out / name, f"{name}.data", self.progress)
         del model
@@ -86,25 +89,28 @@ class OnnxRuntimeBackend:
             return cuda_session_config(o, entries)
         return SessionConfig(intra_op_threads=o.intra_op_threads, config_entries=entries)
 
-    def _engine_of(self, model: ir.Model) -> EngineConfig:
+    def _engine_of(self, model: ir.Model, steps: list[dict]) -> EngineConfig:
         f, r = self.facts, self.recipe
+        kv_dtype = r.kv_cache.engine_dtype if steps else _kv_dtype(model)
         return EngineConfig(
             backend="onnxruntime", model_file=MODEL_FILE,
             inputs=[_spec(v) for v in model.graph.inputs], outputs=[_spec(v) for v in model.graph.outputs],
-            kv_cache=KVCacheSpec(f.num_layers, f.num_kv_heads, f.head_dim, r.max_seq, dtype=_kv_dtype(model))
+            kv_cache=KVCacheSpec(f.num_layers, f.num_kv_heads, f.head_dim, r.max_seq, dtype=kv_dtype)
             if f.task == "generate" else None,
             max_batch=r.max_batch, max_seq=r.max_seq, vocab_size=f.vocab_size, session=self.session(),
-            generation=f.generation, graph_flavour=self.flavour, task=f.task, capabilities=self.capabilities(model))
+            generation=f.generation, graph_flavour=self.flavour, task=f.task, capabilities=self.capabilities(model, bool(steps)),
+            steps=steps)
 
-    def capabilities(self, model: ir.Model) -> Capabilities:
+    def capabilities(self, model: ir.Model, kiln_attention: bool = False) -> Capabilities:
         """What the runtime's session can do with this graph: host rows on the CPU provider (a
         span bound per call, paged, prefix blocks copied in), device rows on CUDA (every row bound);
         in-graph sampling when the graph ends in kiln::Sample; several rows of several tokens over
-        a past except with ONNX Runtime's GroupQueryAttention on CPU ("batch_size must be 1")."""
+        a past except with ONNX Runtime's GroupQueryAttention on CPU ("batch_size must be 1"),
+        which an engine cut at kiln's attention does not use."""
         host = self.recipe.onnxruntime.device != "cuda"
         samples = set(SAMPLING_INPUT_NAMES) <= {v.name for v in model.graph.inputs}
-        return Capabilities(sliceable=host, paged=host, samples=samples,
-                            multi_token_rows=not (host and self.recipe.onnxruntime.graph == "contrib"))
+        gqa = host and self.recipe.onnxruntime.graph == "contrib" and not kiln_attention
+        return Capabilities(sliceable=host, paged=host, samples=samples, multi_token_rows=not gqa)
 
 
 def cuda_session_config(o, entries: dict) -> SessionConfig:

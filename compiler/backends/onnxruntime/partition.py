@@ -1,9 +1,10 @@
-"""Cut a rank's graph at its collectives into parts ONNX Runtime can run.
+"""Cut a graph at its kiln ops into parts ONNX Runtime can run.
 
-ONNX Runtime has no collective ops, so `rank{r}.onnx` (the whole rank graph, with its
-`kiln::AllReduce` nodes) is cut into `rank{r}.part{k}.onnx`: maximal runs of standard nodes, in
-topological order. Between two parts the runtime performs the collective with
-torch.distributed. A part's inputs are the graph inputs and earlier values it reads; its
+ONNX Runtime has no kernels for the kiln domain, so `rank{r}.onnx` (a rank graph, with its
+`kiln::AllReduce` nodes) is cut into `rank{r}.part{k}.onnx`, and `model.onnx` with its
+`kiln::PagedAttention` nodes into `model.part{k}.onnx`: maximal runs of standard nodes, in
+topological order. Between two parts the runtime performs the collective with torch.distributed,
+or runs kiln's attention kernel over the KV rows it owns (runtime/kernel_session.py). A part's inputs are the graph inputs and earlier values it reads; its
 outputs are what later parts, collectives or the graph outputs read. Parts are written from the
 saved rank graph's protobuf, whose initializers refer to `rank{r}.onnx.data`: every part shares
 that one weights file (no copies), and the cut never loads a weight.
@@ -17,6 +18,7 @@ from pathlib import Path
 import onnx
 
 DOMAIN = "kiln"
+KERNELS = ("PagedAttention",)  # kiln ops the runtime runs itself; the other kiln ops are collectives
 
 
 @dataclass
@@ -57,7 +59,8 @@ def _unique(names) -> list[str]:
 
 def write_parts(rank_model: Path, prefix: str) -> list[dict]:
     """Write each part beside rank_model as `{prefix}.part{k}.onnx`; returns the step records
-    for engine.json: {"part": file, "inputs", "outputs"} or {"collective": op, "input", "output", ...}."""
+    for engine.json: {"part": file, "inputs", "outputs"}, {"collective": op, "input", "output", ...}
+    or {"kernel": op, "inputs", "outputs", ...its attributes}."""
     model = onnx.load(str(rank_model), load_external_data=False)
     # types of values that legalisation added after the passes' shape inference (int32 lengths, ...)
     typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -76,8 +79,11 @@ def write_parts(rank_model: Path, prefix: str) -> list[dict]:
                 info.name = s.output[0]
                 infos[info.name] = info
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in s.attribute}
-            records.append({"collective": s.op_type, "input": s.input[0], "output": s.output[0],
-                            **{a: (v.decode() if isinstance(v, bytes) else v) for a, v in attrs.items()}})
+            attrs = {a: (v.decode() if isinstance(v, bytes) else v) for a, v in attrs.items()}
+            if s.op_type in KERNELS:
+                records.append({"kernel": s.op_type, "inputs": list(s.input), "outputs": list(s.output), **attrs})
+            else:
+                records.append({"collective": s.op_type, "input": s.input[0], "output": s.output[0], **attrs})
             continue
         used = {x for n in s.nodes for x in n.input}
         part = onnx.helper.make_graph(

@@ -1,0 +1,119 @@
+"""fuse_paged_attention: kiln's static-cache attention -> kiln::PagedAttention, rows of any kv dtype.
+
+Pattern (compiler/frontend/layers.cached_attention), per layer:
+    present_k = TensorScatter(past_k, Transpose(Reshape(k)), write_index)       k [B, S, Nkv*D]
+    present_v = TensorScatter(past_v, Transpose(Reshape(v)), write_index)
+    y = Reshape(Transpose(Attention(Transpose(Reshape(q)), present_k, present_v, mask)))
+Replacement: y, present_k, present_v = PagedAttention(q, k, v, past_k, past_v, position_ids) with
+the layer's heads, scale and window; the head split and merge transposes are gone (the kernel
+reads [B, S, N*D]). With int8 / fp8 rows the cache inputs and outputs change type, and each
+layer gains `past_key_scale.{i}` / `past_value_scale.{i}` inputs and `present_*_scale.{i}` outputs.
+Check: refuses a mask that is not the graph's causal or sliding-window mask, a cache update off
+the sequence axis, or an Attention with softcap or its own causal flag.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from compiler.backends.onnxruntime.gqa import CAUSAL, window_of
+from compiler.passes.base import Pass, PassResult
+from plugins.paged_attention.schema import OP_TYPE, SCALED
+from plugins.spec import DOMAIN
+
+ROW_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.UINT16,
+             "int8": ir.DataType.INT8, "float8_e4m3fn": ir.DataType.UINT8}  # bfloat16 rows are read as their bits
+
+
+class _Rule(pattern.RewriteRuleClassBase):
+    def __init__(self, heads: tuple[int, int], positions: ir.Value, kv_dtype: str, refused: list[str]):
+        super().__init__("PagedAttention")
+        self.heads, self.positions, self.kv_dtype, self.refused = heads, positions, kv_dtype, refused
+
+    def pattern(self, op, q, k, v, past_k, past_v, write_index, mask, q_shape, k_shape, v_shape, y_shape):
+        def heads(x, shape):  # [B, S, N*D] -> [B, N, S, D]
+            return op.Transpose(op.Reshape(x, shape, _allow_other_attributes=True), _allow_other_attributes=True)
+
+        present_k = op.TensorScatter(past_k, heads(k, k_shape), write_index, _allow_other_attributes=True, _outputs=["present_k"])
+        present_v = op.TensorScatter(past_v, heads(v, v_shape), write_index, _allow_other_attributes=True, _outputs=["present_v"])
+        attended = op.Attention(heads(q, q_shape), present_k, present_v, mask, _allow_other_attributes=True, _outputs=["attended"])
+        y = op.Reshape(op.Transpose(attended, _allow_other_attributes=True), y_shape, _allow_other_attributes=True)
+        return y, present_k, present_v
+
+    def check(self, context, mask, present_k, present_v, attended, **_) -> pattern.MatchResult:
+        node, why = attended.producer(), None
+        if window_of(mask) is None:
+            why = "attention mask is not the causal or sliding-window mask"
+        elif any(v.producer().attributes.get_int("axis", -2) not in (2, -2) for v in (present_k, present_v)):
+            why = "cache update is not on the sequence axis"
+        elif node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("is_causal", 0):
+            why = "Attention has softcap or is_causal, which the kernel does not apply"
+        if why:
+            self.refused.append(f"PagedAttention: {node.name} refused: {why}")
+            return pattern.MatchResult().fail(why)
+        return pattern.MatchResult()
+
+    def rewrite(self, op, q, k, v, past_k, past_v, mask, attended, **_):
+        nq, nkv = self.heads
+        window = window_of(mask)
+        attrs = {"num_heads": nq, "kv_num_heads": nkv, "scale": attended.producer().attributes.get_float("scale", 0.0),
+                 "window": 0 if window == CAUSAL else window, "kv_dtype": self.kv_dtype}
+        name = attended.producer().name.replace("/Attention", f"/{OP_TYPE}")
+        return op.PagedAttention(q, k, v, past_k, past_v, self.positions, **attrs, _domain=DOMAIN, _outputs=3, _name=name)
+
+
+class FusePagedAttention(Pass):
+    """Every layer's cached attention -> kiln::PagedAttention with rows of `kv_dtype`."""
+
+    name = "fuse_paged_attention"
+
+    def __init__(self, kv_dtype: str = "float32", heads: tuple[int, int] | None = None):
+        self.kv_dtype, self.heads = kv_dtype, heads
+
+    def run(self, model: ir.Model) -> PassResult:
+        g, refused = model.graph, []
+        positions = next((v for v in g.inputs if v.name == "position_ids"), None)
+        if positions is None or not any(n.op_type == "TensorScatter" for n in g):
+            return PassResult(model, False, ["refused: the graph has no KV cache"])
+        heads = self.heads or _heads(g)
+        pattern.RewriteRuleSet([_Rule.rule(heads, positions, self.kv_dtype, refused)]).apply_to_model(model)
+        nodes = [n for n in g if n.domain == DOMAIN and n.op_type == OP_TYPE]
+        left = sum(1 for n in g if n.op_type == "Attention")
+        if left:
+            refused.append(f"{left} Attention nodes are not PagedAttention: the engine cannot be cut at every layer")
+        if nodes:
+            _retype_rows(g, nodes, self.kv_dtype)
+            model.opset_imports.setdefault(DOMAIN, 1)
+        return PassResult(model, bool(nodes), [f"{len(nodes)} PagedAttention nodes, {self.kv_dtype} rows", *refused])
+
+
+def _heads(g: ir.Graph) -> tuple[int, int]:
+    """(Nq, Nkv) from the first Attention's operands: q's Reshape target and the cache input."""
+    att = next(n for n in g if n.op_type == "Attention")
+    nkv = att.inputs[1].shape[1]
+    q_reshape = att.inputs[0].producer().inputs[0].producer()
+    nq = int(q_reshape.inputs[1].const_value.numpy()[2])
+    return nq, nkv
+
+
+def _retype_rows(g: ir.Graph, nodes: list[ir.Node], kv_dtype: str) -> None:
+    """Cache inputs and outputs take the rows' element type; quantised rows gain their scales."""
+    row = ROW_TYPES[kv_dtype]
+    for node in nodes:
+        for v in (node.inputs[3], node.inputs[4], node.outputs[1], node.outputs[2]):
+            v.type = ir.TensorType(row)
+        if kv_dtype not in SCALED:
+            continue
+        for past in (node.inputs[3], node.inputs[4]):
+            shape = ir.Shape([*list(past.shape)[:3], 1])
+            scale = ir.Value(name=past.name.replace("past_key.", "past_key_scale.").replace("past_value.", "past_value_scale."),
+                             type=ir.TensorType(ir.DataType.FLOAT), shape=shape)
+            g.inputs.append(scale)
+            node.resize_inputs(len(node.inputs) + 1)
+            node.replace_input_with(len(node.inputs) - 1, scale)
+        node.resize_outputs(5)
+        for i, past in ((3, node.inputs[6]), (4, node.inputs[7])):
+            out = node.outputs[i]
+            out.name, out.type, out.shape = past.name.replace("past_", "present_"), ir.TensorType(ir.DataType.FLOAT), past.shape
+            g.outputs.append(out)
