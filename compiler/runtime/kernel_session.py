@@ -12,6 +12,7 @@ prefix reuse. ONNX Runtime never sees the rows, so any dtype works the same way.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from compiler.runtime.session_api import SAMPLING_INPUTS, checked, last_column, 
 from plugins.paged_attention import cpu
 
 OUTPUTS = ("logits", "next_tokens")
+PLANNED_TOKENS = 64  # calls of at most this many tokens keep a plan (their buffers are small)
+MAX_PLANS = 8  # plans a row span keeps, least recently made dropped first
 
 
 @dataclass
@@ -66,6 +69,8 @@ class KernelSession:
         self.threads = so.intra_op_num_threads
         self.capabilities = checked(cfg.capabilities, self.SUPPORTS, self.KIND)
         self.storage, self.scaled = storage(kv), kv.dtype in SCALED
+        # each part's threads stop spinning when its run ends: the next part's and the kernel's threads need the cores
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         self.sessions = open_parts(engine_dir, cfg.steps, so)
         self.kernel = cpu.load(self.threads)
         self.attends = {i: _attend(s, kv) for i, s in enumerate(cfg.steps) if "kernel" in s}
@@ -99,33 +104,81 @@ class KernelSession:
         """Every layer's keys, values (and scales), in that order: prefix blocks copy all of them."""
         return [a for layer in cache.layers for a in layer]
 
-    def binding(self, cache: RowCache) -> tuple[RowCache, dict[str, ort.IOBinding]]:
-        return cache, {name: sess.io_binding() for name, sess in self.sessions.items()}
+    def binding(self, cache: RowCache) -> "Binding":
+        return Binding(cache, {name: sess.io_binding() for name, sess in self.sessions.items()})
 
     # -- one engine call -------------------------------------------------------------------
-    def step(self, binding: tuple[RowCache, dict], input_ids: np.ndarray, position_ids: np.ndarray,
+    def step(self, binding: "Binding", input_ids: np.ndarray, position_ids: np.ndarray,
              logits_positions: np.ndarray | None = None, sampling: dict | None = None) -> np.ndarray:
         """As DecoderSession.step: logits [B, K, V] at logits_positions, or next tokens [B] when
-        sampling (engines whose graph ends in kiln::Sample)."""
-        cache, ios = binding
-        B = input_ids.shape[0]
+        sampling (engines whose graph ends in kiln::Sample). The result is valid until the next step."""
+        B, S = input_ids.shape
         if not self._sampling_inputs:
             no_sampling(sampling)
-        env = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-               "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-               "logits_positions": np.ascontiguousarray(last_column(input_ids, logits_positions), dtype=np.int64)}
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, "logits_positions": last_column(input_ids, logits_positions)}
         if self._sampling_inputs:
-            env.update((k, np.ascontiguousarray(v, dtype=SAMPLING_INPUTS[k])) for k, v in (sampling or greedy_sampling(B)).items())
+            feeds.update(sampling or greedy_sampling(B))
         wanted = "next_tokens" if sampling is not None else "logits"
+        key = (B, S, feeds["logits_positions"].shape[1], wanted)
+        plan = binding.plans.get(key)
+        if plan is not None:  # a shape seen before: every buffer and binding is there, only the inputs change
+            for name, value in feeds.items():
+                plan[name][...] = value
+            self._run(binding, plan, wanted, fixed=True)
+            return plan[wanted]
+        env = {k: np.ascontiguousarray(v, dtype=SAMPLING_INPUTS.get(k, np.int64)) for k, v in feeds.items()}
+        self._run(binding, env, wanted, fixed=False)
+        if B * S <= PLANNED_TOKENS:
+            binding.plan(key, env, self)
+        return env[wanted]
+
+    def _run(self, binding: "Binding", env: dict, wanted: str, fixed: bool) -> None:
+        """Every step in order over env; fixed: env is a plan, its parts' IO bound to its buffers."""
         skip = frozenset(OUTPUTS) - {wanted}
         for i, s in enumerate(self.cfg.steps):
-            if "part" in s:
-                run_part(self.sessions[s["part"]], ios[s["part"]], s, env, skip=skip)
-            else:
+            if "part" not in s and fixed:
+                binding.plans_io[(id(env), i)]()
+            elif "part" not in s:
                 a = self.attends[i]
-                env[a.y] = self.kernel(env[a.q], env[a.k], env[a.v], *_rows(cache.layers[a.layer]), env["position_ids"],
-                                       a.heads, self.cfg.kv_cache.dtype, a.window, a.scale)
-        return env[wanted]
+                env[a.y] = self.kernel(env[a.q], env[a.k], env[a.v], *_rows(binding.cache.layers[a.layer]),
+                                       env["position_ids"], a.heads, self.cfg.kv_cache.dtype, a.window, a.scale)
+            elif fixed:
+                self.sessions[s["part"]].run_with_iobinding(binding.plans_io[(id(env), s["part"])])
+            else:
+                run_part(self.sessions[s["part"]], binding.ios[s["part"]], s, env, skip=skip)
+
+
+class Binding:
+    """A row span's cache, an IO binding per part for calls of new shapes, and for each small call
+    shape seen (decodes, short chunks, speculative verifies) a plan: every value's buffer, and each
+    part's IO bound to those buffers once, so a step of that shape allocates and binds nothing."""
+
+    def __init__(self, cache: RowCache, ios: dict[str, ort.IOBinding]):
+        self.cache, self.ios = cache, ios
+        self.plans: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self.plans_io: dict[tuple[int, str | int], object] = {}  # (plan, part) -> IO binding; (plan, step) -> kernel call
+
+    def plan(self, key: tuple, env: dict[str, np.ndarray], session: KernelSession) -> None:
+        buffers = {name: np.array(value) for name, value in env.items()}  # owned copies: the OrtValues wrap them
+        wanted = key[3]
+        for i, s in enumerate(session.cfg.steps):
+            if "part" not in s:  # the kernel over these buffers and this span's rows, made ready once
+                a = session.attends[i]
+                self.plans_io[(id(buffers), i)] = session.kernel.prepare(
+                    buffers[a.q], buffers[a.k], buffers[a.v], *_rows(self.cache.layers[a.layer]), buffers["position_ids"],
+                    a.heads, session.cfg.kv_cache.dtype, a.window, a.scale, buffers[a.y])
+                continue
+            io = session.sessions[s["part"]].io_binding()
+            for name in s["inputs"]:
+                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buffers[name]))
+            for name in s["outputs"]:
+                if name in buffers and (name not in OUTPUTS or name == wanted):
+                    io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffers[name]))
+            self.plans_io[(id(buffers), s["part"])] = io
+        self.plans[key] = buffers
+        if len(self.plans) > MAX_PLANS:
+            _, old = self.plans.popitem(last=False)
+            self.plans_io = {k: v for k, v in self.plans_io.items() if k[0] != id(old)}
 
 
 def _rows(layer: tuple[np.ndarray, ...]) -> tuple:

@@ -16,6 +16,7 @@ debugging and the fallback tests). Imports only the standard library and numpy (
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -77,7 +79,10 @@ def library(isa: str, build: bool = True) -> Path | None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
         cmd = [cc, "-O3", "-ffast-math", "-fopenmp", "-fPIC", "-shared", *FLAGS[isa], str(SOURCE), "-o", str(out), "-lm"]
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                return None
+        except OSError:  # CC names no program
             return None
         os.replace(out, path)  # whole or not at all: another process may be loading it
     return path
@@ -108,29 +113,36 @@ class Kernel:
                  out: np.ndarray | None = None) -> np.ndarray:
         """q [B, S, Nq*D], k/v [B, S, Nkv*D] float32; rows [B, Nkv, M, D] (written in place), scales
         [B, Nkv, M(, 1)] float32 for int8/fp8 rows; positions [B, S] int64. Returns y [B, S, Nq*D]."""
-        B, S, _ = q.shape
-        nq, nkv = heads
-        M, D = k_rows.shape[2], k_rows.shape[3]
-        scale = scale or 1.0 / float(np.sqrt(D))
-        if self._lib is None:
-            y = reference(q, k, v, k_rows, v_rows, k_scales, v_scales, positions, nq, nkv, scale, window, dtype, inplace=True)
-            if out is not None:
-                out[...] = y
-            return y if out is None else out
         q, k, v = (np.ascontiguousarray(x, dtype=np.float32) for x in (q, k, v))
         positions = np.ascontiguousarray(positions, dtype=np.int64)
-        out = np.empty((B, S, nq * D), np.float32) if out is None else out
-        for a in (k_rows, v_rows, *(x for x in (k_scales, v_scales) if x is not None)):
-            if not a.flags.c_contiguous:
-                raise KernelError("PagedAttention: KV rows and scales must be contiguous row spans")
-        rc = self._lib.kiln_paged_attention(
-            q.ctypes.data, k.ctypes.data, v.ctypes.data, k_rows.ctypes.data, v_rows.ctypes.data,
-            None if k_scales is None else k_scales.ctypes.data, None if v_scales is None else v_scales.ctypes.data,
-            positions.ctypes.data, B, S, nq, nkv, D, M, DTYPES[dtype], window, scale, out.ctypes.data)
-        if rc:
-            raise KernelError(f"PagedAttention: {nq}/{nkv} heads of {D} are outside the kernel (at most 32 query heads a "
-                              "KV head, head_dim 256)" if rc == -1 else "PagedAttention: out of memory")
+        out = np.empty((*q.shape[:2], heads[0] * k_rows.shape[3]), np.float32) if out is None else out
+        self.prepare(q, k, v, k_rows, v_rows, k_scales, v_scales, positions, heads, dtype, window, scale, out)()
         return out
+
+    def prepare(self, q, k, v, k_rows, v_rows, k_scales, v_scales, positions, heads: tuple[int, int], dtype: str,
+                window: int, scale: float, out: np.ndarray) -> Callable[[], None]:
+        """The call over these exact buffers (contiguous, of the types __call__ takes), made ready
+        once: a step whose buffers are fixed (runtime/kernel_session.py's plans) just calls it."""
+        (B, S, _), (nq, nkv), (M, D) = q.shape, heads, k_rows.shape[2:]
+        scale = scale or 1.0 / float(np.sqrt(D))
+        if self._lib is None:
+            def run() -> None:
+                out[...] = reference(q, k, v, k_rows, v_rows, k_scales, v_scales, positions, nq, nkv, scale, window, dtype,
+                                     inplace=True)
+            return run
+        arrays = (q, k, v, k_rows, v_rows, *(x for x in (k_scales, v_scales) if x is not None), positions, out)
+        if any(not a.flags.c_contiguous for a in arrays):
+            raise KernelError("PagedAttention: inputs, KV rows and scales must be contiguous (row spans of the cache)")
+        ptrs = [None if a is None else a.ctypes.data for a in (q, k, v, k_rows, v_rows, k_scales, v_scales, positions)]
+        call = functools.partial(self._lib.kiln_paged_attention, *ptrs, B, S, nq, nkv, D, M, DTYPES[dtype], window, scale,
+                                 out.ctypes.data)
+
+        def run() -> None:
+            rc = call()
+            if rc:
+                raise KernelError(f"PagedAttention: {nq}/{nkv} heads of {D} are outside the kernel (at most 32 query heads "
+                                  "a KV head, head_dim 256)" if rc == -1 else "PagedAttention: out of memory")
+        return run
 
 
 def load(threads: int = 1, flags: set[str] | None = None, forced: str | None = None, notice=None) -> Kernel:

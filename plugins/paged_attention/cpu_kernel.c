@@ -96,7 +96,7 @@ static void store(void *cache, float *scales, int dtype, size_t t, const float *
 }
 
 /* slot `t` of a row -> row [D] floats, times `mul` (and the slot's scale) */
-static inline void load(const void *cache, const float *scales, int dtype, size_t t, float mul, float *row, int D) {
+static inline __attribute__((always_inline)) void load(const void *cache, const float *scales, int dtype, size_t t, float mul, float *row, int D) {
     switch (dtype) {
     case KV_F32: {
         const float *p = (const float *)cache + t * D;
@@ -132,10 +132,18 @@ static inline void load(const void *cache, const float *scales, int dtype, size_
     }
 }
 
+#define ATTEND_D(DT)                                                                         \
+    switch (D) {                                                                             \
+    case 64: attend(qr, kc, vc, ks, vs, DT, lo, hi, g, 64, scale, scores, out, qstride); break;   \
+    case 128: attend(qr, kc, vc, ks, vs, DT, lo, hi, g, 128, scale, scores, out, qstride); break; \
+    default: attend(qr, kc, vc, ks, vs, DT, lo, hi, g, D, scale, scores, out, qstride);           \
+    }
+
 static size_t item_bytes(int dtype) { return dtype == KV_F32 ? 4 : (dtype == KV_F16 || dtype == KV_BF16) ? 2 : 1; }
 
-/* the attention of query (b, s) for the `g` query heads of KV head h: out[g][D] */
-static void attend(const float *qr, const void *kc, const void *vc, const float *ks, const float *vs, int dtype,
+/* the attention of query (b, s) for the `g` query heads of KV head h: out[g][D]; inlined into
+ * `attend_as` for each (dtype, head_dim) pair below, so the inner loops see both as constants */
+static inline __attribute__((always_inline)) void attend(const float *qr, const void *kc, const void *vc, const float *ks, const float *vs, int dtype,
                    int lo, int hi, int g, int D, float scale, float *scores, float *out, int qstride) {
     float acc[MAX_GROUP][MAX_D], top[MAX_GROUP], row[MAX_D];
     const int n = hi - lo;
@@ -177,6 +185,17 @@ static void attend(const float *qr, const void *kc, const void *vc, const float 
     }
 }
 
+static void attend_as(const float *qr, const void *kc, const void *vc, const float *ks, const float *vs, int dtype,
+                      int lo, int hi, int g, int D, float scale, float *scores, float *out, int qstride) {
+    switch (dtype) {
+    case KV_F32: ATTEND_D(KV_F32) break;
+    case KV_F16: ATTEND_D(KV_F16) break;
+    case KV_BF16: ATTEND_D(KV_BF16) break;
+    case KV_I8: ATTEND_D(KV_I8) break;
+    default: ATTEND_D(KV_FP8) break;
+    }
+}
+
 /* 0, or -1 when the shapes are outside what this kernel handles (the caller says why) */
 int kiln_paged_attention(const float *q, const float *k, const float *v, void *kc, void *vc, float *ks, float *vs,
                          const int64_t *pos, int B, int S, int NQ, int NKV, int D, int M, int dtype, int window,
@@ -184,21 +203,23 @@ int kiln_paged_attention(const float *q, const float *k, const float *v, void *k
     if (NKV < 1 || NQ % NKV || NQ / NKV > MAX_GROUP || D > MAX_D || dtype < KV_F32 || dtype > KV_FP8) return -1;
     const int g = NQ / NKV;
     const size_t bytes = item_bytes(dtype), head = (size_t)M * D; /* elements of one head's row */
-#pragma omp parallel for collapse(3) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int s = 0; s < S; s++)
-            for (int h = 0; h < NKV; h++) {
-                const int64_t p = pos[(size_t)b * S + s];
-                if (p < 0 || p >= M) continue;
-                const size_t at = ((size_t)b * NKV + h) * head, sat = ((size_t)b * NKV + h) * M;
-                const float *src = k + ((size_t)b * S + s) * NKV * D + (size_t)h * D;
-                store((char *)kc + at * bytes, ks ? ks + sat : NULL, dtype, (size_t)p, src, D);
-                src = v + ((size_t)b * S + s) * NKV * D + (size_t)h * D;
-                store((char *)vc + at * bytes, vs ? vs + sat : NULL, dtype, (size_t)p, src, D);
-            }
+    const long work = (long)B * S * NKV * (S + (pos[0] > 0 ? pos[0] : 0)); /* ~ keys read: small calls stay on one thread */
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel if (work > 4096) reduction(| : failed)
     {
+#pragma omp for collapse(3) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int s = 0; s < S; s++)
+                for (int h = 0; h < NKV; h++) {
+                    const int64_t p = pos[(size_t)b * S + s];
+                    if (p < 0 || p >= M) continue;
+                    const size_t at = ((size_t)b * NKV + h) * head, sat = ((size_t)b * NKV + h) * M;
+                    const float *src = k + ((size_t)b * S + s) * NKV * D + (size_t)h * D;
+                    store((char *)kc + at * bytes, ks ? ks + sat : NULL, dtype, (size_t)p, src, D);
+                    src = v + ((size_t)b * S + s) * NKV * D + (size_t)h * D;
+                    store((char *)vc + at * bytes, vs ? vs + sat : NULL, dtype, (size_t)p, src, D);
+                }
+        /* the implicit barrier of the loop above: every key of this call is written before any is read */
         float *scores = malloc(sizeof(float) * (size_t)g * M);
         if (!scores) failed = 1;
 #pragma omp for collapse(3) schedule(dynamic, 1)
@@ -212,7 +233,7 @@ int kiln_paged_attention(const float *q, const float *k, const float *v, void *k
                     const size_t at = ((size_t)b * NKV + h) * head, sat = ((size_t)b * NKV + h) * M;
                     const float *qr = q + ((size_t)b * S + s) * NQ * D + (size_t)h * g * D;
                     float *o = out + ((size_t)b * S + s) * NQ * D + (size_t)h * g * D;
-                    attend(qr, (char *)kc + at * bytes, (char *)vc + at * bytes, ks ? ks + sat : NULL,
+                    attend_as(qr, (char *)kc + at * bytes, (char *)vc + at * bytes, ks ? ks + sat : NULL,
                            vs ? vs + sat : NULL, dtype, lo, hi, g, D, scale, scores, o, D);
                 }
         free(scores);
