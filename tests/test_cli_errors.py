@@ -100,10 +100,19 @@ def test_unsupported_rope_scaling_is_refused_not_ignored(capsys, tmp_path, ckpt)
     ("backend", "tensorflow", "'backend'"),
     ("passes", ["merge_qkv", "fuse_everything"], "fuse_everything"),
     ("colour", "blue", "'colour': unknown field"),
+    ("kv_cache", {"dtype": "int4"}, "'kv_cache.dtype'"),
+    ("kv_cache", {"dtype": "int8", "attention": "onnxruntime"}, "dtype int8 needs attention: kiln"),
+    ("kv_cache", {"dtype": "fp8", "blocks": 16}, "'kv_cache.blocks': unknown field"),
+    ("kv_cache", {"attention": "flash"}, "'kv_cache.attention'"),
 ])
 def test_invalid_recipe_field(capsys, tmp_path, ckpt, field, value, needle):
     err = _expect_error(capsys, tmp_path, ["build", str(_recipe(tmp_path, ckpt, **{field: value}))], needle)
     assert "recipe.yaml" in err
+
+
+def test_kiln_attention_where_it_cannot_run_is_refused_naming_kv_cache(capsys, tmp_path, ckpt):
+    recipe = _recipe(tmp_path, ckpt, kv_cache={"dtype": "int8"}, backend="tensorrt")
+    _expect_error(capsys, tmp_path, ["build", str(recipe)], "kv_cache (dtype int8, attention kiln) runs on backend onnxruntime")
 
 
 def test_recipe_missing_source_and_bad_yaml(capsys, tmp_path):

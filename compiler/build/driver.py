@@ -30,6 +30,7 @@ from compiler.build.card import render as render_card
 from compiler.build.compile import BuildResult, Prepared, compile_into, list_passes, prepare
 from compiler.build.gate import quality_gate
 from compiler.build.recipe import Recipe
+from compiler.runtime.kv_memory import SCALED, token_bytes
 from compiler.frontend import models
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.sources import resolve_source
@@ -58,7 +59,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     try:
         result = compile_into(recipe, prep, tmp, dump_ir, progress)
         t = time.perf_counter()
-        if recipe.quantization and recipe.backend == "onnxruntime" and recipe.quality.gate:
+        if (recipe.quantization or recipe.kv_cache.dtype != "fp32") and recipe.backend == "onnxruntime" and recipe.quality.gate:
             # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
             result.quality = quality_gate(recipe, tmp, source, progress)
         result.stages["quality_gate_s"] = round(time.perf_counter() - t, 2)
@@ -80,6 +81,15 @@ def _write_manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: flo
     record(manifest, [card])
     write_manifest(tmp, Manifest.from_dict(manifest))
     return manifest
+
+
+def _kv_record(recipe: Recipe, engine) -> dict | None:
+    """What the KV rows hold: the dtype, the kernel that reads them and the bytes a token costs."""
+    kv = engine.kv_cache
+    if kv is None:
+        return None
+    return {"dtype": kv.dtype, "attention": recipe.kv_cache.kernel, "scaled": kv.dtype in SCALED,
+            "bytes_per_token": 2 * kv.num_layers * kv.num_kv_heads * token_bytes(kv)}
 
 
 def _manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tmp: Path) -> dict:
@@ -108,6 +118,7 @@ def _manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tm
         "task": engine.task,
         "build_key": prep.build_key,
         "plugins": result.plugins,
+        "kv_cache": _kv_record(recipe, engine),
     } | record({}, sorted(tmp.iterdir()))  # "files": {name: sha256}, "sizes": {name: bytes}
 
 

@@ -1,4 +1,4 @@
-"""The quality gate of `kiln build`: a quantised engine against the fp32 engine of its source
+"""The quality gate of `kiln build`: a quantised engine (weights or KV rows) against the fp32 engine of its source
 (perplexity, top-1 agreement, KL on the recipe's text window); a violated limit fails the build."""
 
 from __future__ import annotations

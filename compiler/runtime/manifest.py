@@ -24,7 +24,7 @@ MAX_MANIFEST_BYTES = 16 << 20  # a kiln.json read from an archive or a registry,
 # top-level fields kiln reads, and the JSON type each must have when present
 _FIELDS = {"kiln_version": str, "name": str, "recipe": dict, "source": dict, "backend": dict, "io": dict, "graph": dict,
            "quantization": dict, "quality": dict, "build": dict, "task": str, "build_key": str, "plugins": list,
-           "files": dict, "sizes": dict, "tuned": dict}
+           "files": dict, "sizes": dict, "tuned": dict, "kv_cache": dict}
 
 
 class ArtifactTampered(ValueError):

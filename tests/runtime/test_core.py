@@ -2,8 +2,9 @@
 chunk size, call packing, arrival time, KV budget or prefix reuse; rows, blocks and their memory
 are all free afterwards; cancel frees a row; a request the KV budget can never hold is refused.
 
-Each test runs on the tiny llama engine (contrib and standard graphs) and on the fake session
-(tests/runtime/fake_session.py), whose output is a hash of its whole KV row: a KV slip shows."""
+Each test runs on the tiny llama engine (contrib and standard graphs, and cut at kiln's attention
+kernel with fp32 and int8 rows) and on the fake session (tests/runtime/fake_session.py), whose
+output is a hash of its whole KV row: a KV slip shows."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from compiler.runtime import load
 from compiler.runtime.core import EngineCore, SchedulerConfig
 from compiler.runtime.generation import GenerationConfig
-from compiler.runtime.kv_memory import KVBlocks
+from compiler.runtime.kv_memory import SCALED, KVBlocks, token_bytes
 from tests.runtime import fake_session
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived", "def f(x):", "A"]
@@ -45,7 +46,7 @@ def drain(core: EngineCore) -> dict[int, list[int]]:
     return got
 
 
-@pytest.fixture(scope="module", params=["fake", "fake-single-token-rows", "contrib", "standard"])
+@pytest.fixture(scope="module", params=["fake", "fake-single-token-rows", "contrib", "standard", "kiln", "kiln-int8"])
 def engine(request, tiny_artifacts):
     if request.param.startswith("fake"):
         return fake_session.FakeEngine(multi_token_rows=request.param == "fake")
@@ -146,10 +147,11 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(engine):
 def test_a_kv_budget_too_small_for_a_request_is_refused_clearly(engine):
     kv = engine.config.kv_cache
     block = KVBlocks.for_cache(kv, None)
-    gib = 2 * block.block_bytes / 2**30  # two blocks
+    n = 2 if 2 * block.block_tokens < engine.config.max_seq else 1  # int8 rows of head_dim 16: 256-token blocks
+    gib = n * block.block_bytes / 2**30
     core = EngineCore(engine, SchedulerConfig(max_num_seqs=4, kv_cache_gib=gib))
-    assert core.kv.blocks.capacity == 2
-    too_long = [5] * (2 * block.block_tokens)  # its prompt alone fills the pool: no room for a new token
+    assert core.kv.blocks.capacity == n
+    too_long = [5] * (n * block.block_tokens)  # its prompt alone fills the pool: no room for a new token
     assert len(too_long) < engine.config.max_seq
     with pytest.raises(ValueError, match="KV budget .* holds .*raise --kv-cache-gib or lower max_tokens"):
         core.add_request(too_long, GenerationConfig(max_new_tokens=1))
@@ -179,8 +181,8 @@ def test_requests_wait_for_kv_blocks_and_finish_exactly(engine, refs):
 def test_host_rows_hold_memory_only_for_what_they_hold(engine, refs):
     core = EngineCore(engine, SchedulerConfig(max_num_seqs=16))
     kv = engine.config.kv_cache
-    paged = range(2 * kv.num_layers)  # one mapping per layer's keys and values
-    reserved = len(paged) * 16 * kv.num_kv_heads * kv.max_seq * kv.head_dim * np.dtype(kv.dtype).itemsize
+    paged = engine.session.kv_arrays(core.kv.rows.cache)  # one mapping per layer's keys and values (and scales)
+    reserved = 16 * 2 * kv.num_layers * kv.num_kv_heads * kv.max_seq * token_bytes(kv)
     rids = [core.add_request(engine.text.prompt_ids(p, False), GenerationConfig(max_new_tokens=N)) for p in PROMPTS]
     peak = 0
     while core.has_work:
@@ -190,10 +192,10 @@ def test_host_rows_hold_memory_only_for_what_they_hold(engine, refs):
     longest = max(len(engine.text.prompt_ids(p, False)) for p in PROMPTS) + N
     assert 0 < peak <= len(rids) * per_token * (longest + 2 * KVBlocks.for_cache(engine.config.kv_cache, None).block_tokens) \
         + 16 * len(paged) * 4096  # a dummy write may touch a free row's first page
-    assert peak < reserved / 8
+    assert peak < reserved / (4 if kv.dtype in SCALED else 8)  # a scale row of 512 tokens is half a page: coarser
     assert core.kv.resident_bytes() <= 16 * len(paged) * 4096  # released rows went back to the OS
 
 
 def kv_bytes_per_layer_token(engine) -> int:
     kv = engine.config.kv_cache
-    return kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize
+    return kv.num_kv_heads * token_bytes(kv)

@@ -88,7 +88,7 @@ def test_sampled_verification_keeps_the_target_distribution():
         assert np.abs(freq - p).max() < 0.015, (proposal, freq, p)
 
 
-@pytest.fixture(scope="module", params=["contrib", "standard"])
+@pytest.fixture(scope="module", params=["contrib", "standard", "kiln-int8"])
 def engine(request, tiny_artifacts):
     return load(tiny_artifacts[("llama", request.param)])
 
