@@ -13,6 +13,8 @@ Routes, each timed on the same inputs in this process (median of `--reps` after 
                `openvino` is not installed
     tvm        Apache TVM: the int4 product as a TIR kernel, LLVM for this CPU, default schedule;
                skipped when `apache-tvm` is not installed
+    own        kiln::PagedAttention's CPU kernel (plugins/paged_attention, the build this CPU runs):
+               fp32 rows and int8 rows with a scale per token and head, read in place
 With --artifact (a kiln fp32 contrib build of SmolLM2-135M), also the whole engine: one decode
 step of batch 1 over a 256-token past, ONNX Runtime with kiln's in-place KV binding vs OpenVINO
 reading the same model.onnx (past in, present out, swapped each step).
@@ -31,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # the routes, plugins/
 from cpu_kernels.routes import (BLOCK, D, HKV, HQ, K, N, ort_attention, ort_gqa, ort_int4, ov_compile, ov_int4,  # noqa: E402
-                                own_decode, ov_sdpa, tvm_int4)
+                                own_attention, ov_sdpa, tvm_int4)
 from serve_load import machine  # noqa: E402
 
 PREFILL, ROWS, PAST = 600, 8, 800
@@ -176,18 +178,18 @@ def cases(rng):
     ref = attention_ref(q, k, v)
     yield "prefill attention 600 tok", ref, 2e-3, {
         "ort GroupQueryAttention": lambda t: ort_gqa(q, k, v, t), "ort Attention": lambda t: ort_attention(q, k, v, t),
-        "openvino SDPA": lambda t: ov_sdpa(q, k, v, t)}
+        "openvino SDPA": lambda t: ov_sdpa(q, k, v, t), "own C kernel fp32 KV": lambda t: own_attention(q, k, v, t)}
     q, k, v = attention_inputs(rng, ROWS, 1, PAST)
     ref = attention_ref(q, k, v)
     yield f"decode attention {ROWS} x {PAST} past", ref, 2e-3, {
         "ort GroupQueryAttention": lambda t: ort_gqa(q, k, v, t), "ort Attention": lambda t: ort_attention(q, k, v, t),
-        "openvino SDPA": lambda t: ov_sdpa(q, k, v, t), "own C kernel fp32 KV": lambda t: own_decode(q, k, v, t, False)}
+        "openvino SDPA": lambda t: ov_sdpa(q, k, v, t), "own C kernel fp32 KV": lambda t: own_attention(q, k, v, t)}
     yield f"decode attention {ROWS} x {PAST} past, int8 KV", ref, 3e-2, {
-        "own C kernel int8 KV": lambda t: own_decode(q, k, v, t, True)}
+        "own C kernel int8 KV": lambda t: own_attention(q, k, v, t, "int8")}
     yield f"decode attention x{ATTN_LAYERS} layers (per layer)", ref, 3e-2, {
         "ort GroupQueryAttention": lambda t: ort_gqa(q, k, v, t, ATTN_LAYERS),
-        "own C kernel fp32 KV": lambda t: own_decode(q, k, v, t, False, ATTN_LAYERS),
-        "own C kernel int8 KV": lambda t: own_decode(q, k, v, t, True, ATTN_LAYERS)}
+        "own C kernel fp32 KV": lambda t: own_attention(q, k, v, t, "float32", ATTN_LAYERS),
+        "own C kernel int8 KV": lambda t: own_attention(q, k, v, t, "int8", ATTN_LAYERS)}
     weights = int4_weights(rng)
     for M in MS:
         x = rng.standard_normal((M, K), dtype=np.float32)

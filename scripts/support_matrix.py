@@ -52,6 +52,8 @@ TRT_TARGETS = ["SM80", "SM89"]
 # (measured on the tiny llama, 2026-12: int4-rtn 0.09 / 0.81, int4-awq 0.08 / 0.90, int8-wo
 # 0.01 / 0.94, int8-sq 0.04 / 0.97, fp8 0.06 / 0.91), and the most its weight files may weigh
 # against the fp32 engine's (fp32 embeddings included: 0.35 for int4, 0.44-0.45 for 8 bits)
+KILN_ATTENTION = "onnxruntime-kiln-attention"  # the engine cut at kiln's own CPU attention kernel
+KV_BOUNDS = {"int8": (0.02, 0.95), "fp8": (0.06, 0.9), "fp16": (1e-3, 0.99), "bf16": (0.01, 0.98)}  # rel. logit error, top-1
 QUANT_BOUNDS = {"int4-rtn": (0.25, 0.6), "int8-wo": (0.05, 0.8), "int4-awq": (0.25, 0.6), "int8-sq": (0.2, 0.6),
                 "fp8": (0.2, 0.6)}
 MAX_WEIGHTS_RATIO = 0.6
@@ -108,6 +110,8 @@ def default_cells() -> list[Cell]:
     cells += [Cell(m, "tensorrt", p, "tensorrt_plan_targets") for m, p in TRT_PRECISION.items()]
     cells += [Cell("llama", "tensorrt", f"float16+{q}", "tensorrt_plan_targets") for q in ("int4-rtn", "int8-wo", "int8-sq")]
     cells += [Cell("llama", "onnxruntime-cuda", "float16", "cuda_transformers_parity")]
+    cells += [Cell(m, KILN_ATTENTION, "float32", "transformers_parity") for m in ARCH_NAMES if m not in BERT_ARCHS]
+    cells += [Cell("llama", KILN_ATTENTION, f"float32+kv-{d}", "close_to_fp32_rows") for d in KV_BOUNDS]
     return cells
 
 
@@ -185,7 +189,30 @@ def _parity(src: Path, engine, tol: float, device: str = "cpu") -> str:
 def transformers_parity(cell: Cell, shop: Workshop) -> str:
     from compiler.runtime import load
 
+    if cell.backend == KILN_ATTENTION:  # the engine cut at kiln's attention kernel, fp32 rows
+        return _parity(shop.checkpoint(cell.model), load(shop.artifact(cell, "kiln-fp32", kv_cache={"attention": "kiln"})), 1e-3)
     return _parity(shop.checkpoint(cell.model), load(shop.artifact(cell, "fp32")), 1e-3)
+
+
+def close_to_fp32_rows(cell: Cell, shop: Workshop) -> str:
+    """KV rows of another dtype (kiln's attention kernel) against the same engine with fp32 rows."""
+    import numpy as np
+
+    from compiler.runtime import load
+
+    dtype = cell.precision.split("+kv-", 1)[1]
+    max_rel, min_top1 = KV_BOUNDS[dtype]
+    ref = load(shop.artifact(cell, "kiln-fp32", kv_cache={"attention": "kiln"}))
+    rows = load(shop.artifact(cell, f"kiln-{dtype}", kv_cache={"dtype": dtype}, quality={"gate": False}))
+    if rows.config.kv_cache.dtype == ref.config.kv_cache.dtype:
+        raise Failed(f"the engine's rows are {rows.config.kv_cache.dtype}, not {dtype}")
+    ids = _prompt_ids(ref)
+    want, got = _all_logits(ref, ids), _all_logits(rows, ids)
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    if rel > max_rel or top1 < min_top1:
+        raise Failed(f"vs fp32 rows: relative logit error {rel:.4f} (bound {max_rel}), top-1 agreement {top1:.2f} (bound {min_top1})")
+    return f"vs fp32 rows on {ids.shape[1]} tokens: relative logit error {rel:.4f}, top-1 agreement {top1:.2f}"
 
 
 def transformers_embeddings(cell: Cell, shop: Workshop) -> str:
@@ -274,7 +301,7 @@ def cuda_transformers_parity(cell: Cell, shop: Workshop) -> str:
     return _parity(shop.checkpoint(cell.model), load(art), 5e-2, device="cuda")
 
 
-CHECKS = {f.__name__: f for f in (transformers_parity, transformers_embeddings, close_to_fp32_engine,
+CHECKS = {f.__name__: f for f in (transformers_parity, transformers_embeddings, close_to_fp32_engine, close_to_fp32_rows,
                                   tensorrt_plan_targets, cuda_transformers_parity)}
 
 

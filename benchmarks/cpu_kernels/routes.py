@@ -157,64 +157,37 @@ def ov_int4(x, weights, threads: int):
     return (lambda: req.infer([x], share_inputs=True, share_outputs=True)[0]), (lambda out: out)
 
 
-# -- a kernel kiln owns (benchmarks/cpu_kernels/decode_attention.c) -----------------------------
-KERNEL_SRC = Path(__file__).resolve().parent / "decode_attention.c"
+# -- the kernel kiln owns (plugins/paged_attention: what the engines cut at attention run) --------
+def own_attention(q, k, v, threads: int, dtype: str = "float32", layers: int = 1):
+    """kiln::PagedAttention's CPU kernel (the build for this CPU): q [rows, HQ, S, D] are the last S
+    of the T positions of k, v [rows, HKV, T, D], whose rows (in `dtype`: float32 or int8 with a
+    scale per token and head) it reads in place after writing the S new keys and values; `layers`
+    calls, each over its own copy of the rows."""
+    from plugins.paged_attention import cpu
+    from plugins.paged_attention.reference import encode
 
+    kernel = cpu.load(threads)
+    rows, hq, new, d = q.shape
+    hkv, total = k.shape[1], k.shape[2]
+    qq = np.ascontiguousarray(q.transpose(0, 2, 1, 3).reshape(rows, new, hq * d))  # [rows, S, HQ*D]
+    kn, vn = (np.ascontiguousarray(x[:, :, total - new:].transpose(0, 2, 1, 3).reshape(rows, new, hkv * d)) for x in (k, v))
+    pos = np.tile(np.arange(total - new, total, dtype=np.int64), (rows, 1))
+    out = np.empty_like(qq)
 
-def own_kernel():
-    """The decode kernel, compiled here with the system compiler for this CPU (ImportError-like
-    refusal when there is none)."""
-    import ctypes
-    import shutil
-    import subprocess
-    import tempfile
+    def stored(x):
+        values, scale = encode(x, dtype)
+        return np.ascontiguousarray(values), None if scale is None else np.ascontiguousarray(scale[..., None])
 
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise ModuleNotFoundError("no C compiler", name="a C compiler")
-    lib = Path(tempfile.mkdtemp(prefix="kiln-kernel.")) / "libdecode_attention.so"
-    subprocess.run([cc, "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-o", str(lib), str(KERNEL_SRC), "-lm"],
-                   check=True, capture_output=True)
-    return ctypes.CDLL(str(lib))
+    sets = []
+    for _ in range(layers):
+        (kr, ks), (vr, vs) = stored(k), stored(v)
+        sets.append(kernel.prepare(qq, kn, vn, kr, vr, ks, vs, pos, (hq, hkv), dtype, 0, 0.0, out))
 
-
-def _ptr(a: np.ndarray):
-    import ctypes
-
-    return a.ctypes.data_as(ctypes.c_void_p)
-
-
-def own_decode(q, k, v, threads: int, int8: bool, layers: int = 1):
-    """q [rows, HQ, 1, D] over k, v [rows, HKV, T, D] read in place (fp32, or int8 with a scale per
-    token and head: absmax / 127); `layers` calls, each over its own copy of the cache."""
-    import os
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    lib = own_kernel()
-    rows, _, new, _ = q.shape
-    if new != 1:
-        raise ValueError("a decode kernel: one new token per row")
-    total = k.shape[2]
-    qq = np.ascontiguousarray(q[:, :, 0])
-    lens = np.full(rows, total, np.int32)
-    out = np.empty((rows, HQ, D), np.float32)
-    if int8:
-        def quant(x):
-            scale = np.abs(x).max(-1) / 127.0  # [rows, HKV, T]
-            return np.round(x / scale[..., None]).astype(np.int8), scale.astype(np.float32)
-        (kq, ks), (vq, vs) = quant(k), quant(v)
-        sets = [tuple(x.copy() for x in (kq, vq, ks, vs)) for _ in range(layers)]
-
-        def call():
-            for kq, vq, ks, vs in sets:
-                lib.attn_decode_i8(_ptr(qq), _ptr(kq), _ptr(vq), _ptr(ks), _ptr(vs), _ptr(lens), rows, HQ, HKV, total, D, _ptr(out))
-    else:
-        sets = [(np.ascontiguousarray(k).copy(), np.ascontiguousarray(v).copy()) for _ in range(layers)]
-
-        def call():
-            for kk, vv in sets:
-                lib.attn_decode_f32(_ptr(qq), _ptr(kk), _ptr(vv), _ptr(lens), rows, HQ, HKV, total, D, _ptr(out))
-    return (lambda: (call(), out)[1]), (lambda o: o[:, :, None])
+    def call():
+        for run in sets:
+            run()
+        return out
+    return call, (lambda o: o.reshape(rows, new, hq, d).transpose(0, 2, 1, 3))
 
 
 # -- Apache TVM ---------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ class Kernel:
         call = functools.partial(self._lib.kiln_paged_attention, *ptrs, B, S, nq, nkv, D, M, DTYPES[dtype], window, scale,
                                  out.ctypes.data)
 
-        def run() -> None:
+        def run(keep=(q, k, v, k_rows, v_rows, k_scales, v_scales, positions, out)) -> None:  # keep: the pointers' owners
             rc = call()
             if rc:
                 raise KernelError(f"PagedAttention: {nq}/{nkv} heads of {D} are outside the kernel (at most 32 query heads "

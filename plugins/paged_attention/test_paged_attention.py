@@ -143,3 +143,20 @@ def test_shapes_outside_the_kernel_are_refused_by_name():
     q, k, v, past, pos, _ = _case(NQ=66, NKV=2)
     with pytest.raises(cpu.KernelError, match="at most 32 query heads a KV head"):
         cpu.load(1, forced="portable")(q, k, v, *_rows(past, "float32"), pos, (66, 2), "float32")
+
+
+def test_a_prepared_call_keeps_its_buffers_alive():
+    """prepare() holds raw pointers: it must own references to what they point into (its callers
+    may drop theirs, as the kernel benchmark does layer after layer)."""
+    import gc
+
+    q, k, v, past, pos, heads = _case(seed=7, S=1, M=1 << 15, start=(30000, 32767))  # rows in mappings of their own
+    want = reference(q, k, v, *_rows(past, "int8"), pos, *heads, dtype="int8")
+    out = np.empty_like(want)
+    run = cpu.load(2).prepare(q, k, v, *_rows(past, "int8"), pos, heads, "int8", 0, 0.0, out)
+    del q, k, v, past, pos
+    gc.collect()
+    junk = [np.full((1 << 20,), 7.0) for _ in range(8)]  # reuse the freed memory if it was freed
+    run()
+    np.testing.assert_allclose(out, want, atol=5e-6)
+    assert junk
