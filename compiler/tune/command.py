@@ -28,14 +28,14 @@ def run(args) -> int:
     from rich.console import Console
 
     from compiler.tune import report as rep
-    from compiler.tune.tune import DEFAULT_SCHEMES, tune
+    from compiler.tune.tune import DEFAULT_SCHEMES, KV_VARIANTS, tune
 
     console = Console(stderr=True, quiet=args.quiet)
     budget = duration(args.budget)
     schemes = tuple(s.strip() for s in (args.schemes.split(",") if args.schemes is not None else DEFAULT_SCHEMES) if s.strip())
     from compiler.passes.quant import SCHEMES
 
-    known = [s for s in SCHEMES if s != "gguf"]  # gguf needs its own file: not a variant
+    known = [s for s in SCHEMES if s != "gguf"] + list(KV_VARIANTS)  # gguf needs its own file: not a variant
     if bad := [s for s in schemes if s not in known]:
         raise KilnError(f"--schemes: unknown scheme {bad[0]!r}", f"choose from {', '.join(known)} (comma-separated)")
     with console.status("tuning") as status:
@@ -85,8 +85,9 @@ def add_parser(cmd) -> None:
     t.add_argument("recipe")
     t.add_argument("--workload", required=True, help="a workload name (chat, summarise, generate) or a YAML file")
     t.add_argument("--budget", default="10m", help="time for the whole tune, builds included (default 10m)")
-    t.add_argument("--schemes", help=f"quantised candidates to build beside the recipe, comma-separated "
-                                     f"(default int8-wo,int4-rtn; '' for none)")
+    t.add_argument("--schemes", help="candidates to build beside the recipe, comma-separated: quantisation schemes, or "
+                                     "KV rows on kiln's attention kernel (kv-int8, kv-fp8, kv-fp16, kv-bf16, kiln-attention) "
+                                     "(default int8-wo,int4-rtn; '' for none)")
     t.add_argument("--out", default="artifacts", help="artifact root for the candidate engines (default: artifacts)")
     t.add_argument("--no-check", action="store_true", help="skip re-measuring the choice in a fresh process")
     t.add_argument("--check-rounds", type=int, default=2, help="side-by-side rounds of that re-measurement (default 2)")

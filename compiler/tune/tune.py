@@ -2,7 +2,8 @@
 each with candidate runtime settings, and pick the best point for the workload's target.
 
 Candidates: the recipe as written, and one variant per `schemes` entry (the recipe with that
-quantisation scheme and the recipe's quality limits, or MAX_PPL_INCREASE_PCT when it has none);
+quantisation scheme, or with KV rows of another dtype on kiln's attention kernel, and the recipe's
+quality limits, or MAX_PPL_INCREASE_PCT when it has none);
 a variant whose build fails its quality gate is dropped and the reason kept. Builds go through
 the build cache, so a repeated tune rebuilds nothing. Runtime settings (runtime_candidates) vary
 the sequences run at once, the prefill token budget of a step, prompt-lookup speculation and the
@@ -26,6 +27,7 @@ from compiler.tune.workload import Workload, load_workload, workload_path
 
 MAX_PPL_INCREASE_PCT = 15.0  # the gate of quantised candidates when the recipe sets none
 DEFAULT_SCHEMES = ("int8-wo", "int4-rtn")  # no calibration: cheap to build, and the gate decides
+KV_VARIANTS = {"kv-int8": "int8", "kv-fp8": "fp8", "kv-fp16": "fp16", "kv-bf16": "bf16", "kiln-attention": "fp32"}
 
 
 @dataclass
@@ -48,17 +50,23 @@ class TuneResult:
 
 
 def variants(recipe: Recipe, schemes: tuple[str, ...]) -> list[tuple[str, Recipe]]:
-    """The recipe, then a quantised copy per scheme (named <recipe>-<scheme>) with a gate."""
+    """The recipe, then a copy per scheme (named <recipe>-<scheme>) with a gate: a quantisation
+    scheme (unquantised recipes only: a quantised one is its own candidate), or KV rows of another
+    dtype read by kiln's attention kernel (KV_VARIANTS: kv-int8, ..., kiln-attention for fp32 rows)."""
     out = [("recipe", recipe)]
-    if recipe.quantization is not None:
-        return out  # already quantised: its own scheme is the candidate
     data = recipe.resolved()
     quality = {**data.get("quality", {}), "gate": True}
     if quality.get("max_ppl_increase_pct") is None:
         quality["max_ppl_increase_pct"] = MAX_PPL_INCREASE_PCT
     for scheme in schemes:
-        variant = {**data, "name": f"{recipe.name}-{scheme}", "quantization": {"scheme": scheme}, "quality": quality}
-        out.append((scheme, parse_recipe(variant, f"{recipe.name} with scheme {scheme}")))
+        if scheme in KV_VARIANTS:
+            change = {"kv_cache": {"dtype": KV_VARIANTS[scheme], "attention": "kiln"}}
+        elif recipe.quantization is None:
+            change = {"quantization": {"scheme": scheme}}
+        else:
+            continue
+        variant = {**data, "name": f"{recipe.name}-{scheme}", **change, "quality": quality}
+        out.append((scheme, parse_recipe(variant, f"{recipe.name} with {scheme}")))
     return out
 
 

@@ -162,3 +162,8 @@ def load(threads: int = 1, flags: set[str] | None = None, forced: str | None = N
     if forced != "numpy":
         notice("kiln: no C compiler built the attention kernel (install gcc, then `make setup`): attention runs in numpy (slow)")
     return Kernel("numpy", None, threads)
+
+
+if __name__ == "__main__":  # `make setup`: build what this CPU runs, so servers need no compiler at load time
+    for isa, path in build_all().items():
+        print(f"paged_attention {isa}: {path or 'not built (no C compiler, or it failed)'}")

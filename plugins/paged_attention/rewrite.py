@@ -17,7 +17,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from compiler.backends.onnxruntime.gqa import CAUSAL, window_of
+from compiler.backends.onnxruntime.gqa import CAUSAL, cached_attention, refusal, window_of
+from compiler.errors import KilnError
 from compiler.passes.base import Pass, PassResult
 from plugins.paged_attention.schema import OP_TYPE, SCALED
 from plugins.spec import DOMAIN
@@ -32,22 +33,12 @@ class _Rule(pattern.RewriteRuleClassBase):
         self.heads, self.positions, self.kv_dtype, self.refused = heads, positions, kv_dtype, refused
 
     def pattern(self, op, q, k, v, past_k, past_v, write_index, mask, q_shape, k_shape, v_shape, y_shape):
-        def heads(x, shape):  # [B, S, N*D] -> [B, N, S, D]
-            return op.Transpose(op.Reshape(x, shape, _allow_other_attributes=True), _allow_other_attributes=True)
-
-        present_k = op.TensorScatter(past_k, heads(k, k_shape), write_index, _allow_other_attributes=True, _outputs=["present_k"])
-        present_v = op.TensorScatter(past_v, heads(v, v_shape), write_index, _allow_other_attributes=True, _outputs=["present_v"])
-        attended = op.Attention(heads(q, q_shape), present_k, present_v, mask, _allow_other_attributes=True, _outputs=["attended"])
-        y = op.Reshape(op.Transpose(attended, _allow_other_attributes=True), y_shape, _allow_other_attributes=True)
-        return y, present_k, present_v
+        return cached_attention(op, q, k, v, past_k, past_v, write_index, mask, q_shape, k_shape, v_shape, y_shape)
 
     def check(self, context, mask, present_k, present_v, attended, **_) -> pattern.MatchResult:
-        node, why = attended.producer(), None
-        if window_of(mask) is None:
-            why = "attention mask is not the causal or sliding-window mask"
-        elif any(v.producer().attributes.get_int("axis", -2) not in (2, -2) for v in (present_k, present_v)):
-            why = "cache update is not on the sequence axis"
-        elif node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("is_causal", 0):
+        node = attended.producer()
+        why = refusal(mask, present_k, present_v)
+        if why is None and (node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("is_causal", 0)):
             why = "Attention has softcap or is_causal, which the kernel does not apply"
         if why:
             self.refused.append(f"PagedAttention: {node.name} refused: {why}")
@@ -79,9 +70,10 @@ class FusePagedAttention(Pass):
         heads = self.heads or _heads(g)
         pattern.RewriteRuleSet([_Rule.rule(heads, positions, self.kv_dtype, refused)]).apply_to_model(model)
         nodes = [n for n in g if n.domain == DOMAIN and n.op_type == OP_TYPE]
-        left = sum(1 for n in g if n.op_type == "Attention")
-        if left:
-            refused.append(f"{left} Attention nodes are not PagedAttention: the engine cannot be cut at every layer")
+        left = [n.name for n in g if n.op_type == "Attention"]
+        if left:  # a layer left on TensorScatter + Attention would read rows the kernel session never binds
+            raise KilnError(f"kv_cache attention kiln: {len(left)} attention nodes could not become kiln::PagedAttention "
+                            f"({'; '.join(refused) or left[0]})", "build with kv_cache: {dtype: fp32, attention: onnxruntime}")
         if nodes:
             _retype_rows(g, nodes, self.kv_dtype)
             model.opset_imports.setdefault(DOMAIN, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import helper
@@ -17,7 +18,8 @@ from plugins.paged_attention.reference import FP8_VALUES, encode, fp8_decode, fp
 PLUGIN = plugins.get("paged_attention")
 T = onnx.TensorProto
 DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
-BUILDS = cpu.runnable(cpu.cpu_flags())
+BUILDS = [isa for isa in cpu.runnable(cpu.cpu_flags()) if cpu.library(isa) is not None]  # built now if missing
+needs_compiler = pytest.mark.skipif("portable" not in BUILDS, reason="no C compiler built the kernel")
 
 
 def _case(seed=0, B=2, S=3, NQ=6, NKV=2, D=16, M=80, start=(15, 62)):
@@ -109,6 +111,7 @@ def test_fp8_codes_round_trip_and_saturate():
     assert fp8_encode(np.float32([1e6, -1e6])).tolist() == [0x7E, 0xFE] and FP8_VALUES[-1] == 448
 
 
+@needs_compiler
 def test_a_cpu_without_the_instruction_sets_falls_back_with_one_line():
     lines = []
     kernel = cpu.load(1, flags=set(), notice=lines.append)
@@ -131,6 +134,7 @@ def test_without_a_compiler_numpy_runs_it(monkeypatch, tmp_path):
     np.testing.assert_allclose(kernel(q, k, v, *rows, pos, heads, "float16"), want, atol=1e-6)
 
 
+@needs_compiler
 def test_forcing_a_path_by_name_and_refusing_unknown_ones(monkeypatch):
     monkeypatch.setenv("KILN_CPU_ISA", "portable")
     assert cpu.load(1).isa == "portable"
@@ -139,6 +143,7 @@ def test_forcing_a_path_by_name_and_refusing_unknown_ones(monkeypatch):
         cpu.load(1)
 
 
+@needs_compiler
 def test_shapes_outside_the_kernel_are_refused_by_name():
     q, k, v, past, pos, _ = _case(NQ=66, NKV=2)
     with pytest.raises(cpu.KernelError, match="at most 32 query heads a KV head"):
@@ -160,3 +165,33 @@ def test_a_prepared_call_keeps_its_buffers_alive():
     run()
     np.testing.assert_allclose(out, want, atol=5e-6)
     assert junk
+
+
+def test_the_rewrite_takes_every_layer_and_retypes_quantised_rows(tmp_path):
+    from compiler.frontend import models
+    from compiler.frontend.checkpoint import Checkpoint
+    from plugins.paged_attention.rewrite import FusePagedAttention
+    from tests.tiny_models import make_tiny
+
+    ckpt = Checkpoint.open(make_tiny("gemma3", tmp_path / "gemma3"))  # a sliding and a full layer, a scale of its own
+    arch = models.lookup(ckpt.config)
+    model = arch.build(arch.config(ckpt.config), ckpt, 64)
+    result = FusePagedAttention("int8", (4, 2)).run(model)
+    nodes = [n for n in model.graph if n.op_type == "PagedAttention"]
+    assert result.changed and len(nodes) == 2 and not any(n.op_type in ("Attention", "TensorScatter") for n in model.graph)
+    assert sorted(n.attributes["window"].value for n in nodes) == [0, 16]
+    assert all(n.attributes["scale"].value == pytest.approx(24 ** -0.5) for n in nodes)
+    names = {v.name: v.dtype.name for v in model.graph.inputs}
+    assert names["past_key.0"] == "INT8" and names["past_value_scale.1"] == "FLOAT"
+    assert nodes[0].name.startswith("/layers.0/") and nodes[0].name.endswith("/PagedAttention")
+
+
+def test_a_layer_the_rewrite_refuses_fails_the_build_naming_why(tiny_model):
+    from compiler.errors import KilnError
+    from plugins.paged_attention.rewrite import FusePagedAttention
+
+    model = tiny_model()
+    att = next(n for n in model.graph if n.op_type == "Attention")
+    att.attributes["softcap"] = ir.AttrFloat32("softcap", 30.0)
+    with pytest.raises(KilnError, match="1 attention nodes could not become kiln::PagedAttention .*softcap"):
+        FusePagedAttention("float32", (4, 2)).run(model)

@@ -76,6 +76,11 @@ def test_variants_carry_a_gate(tiny_checkpoints, tmp_path):
     assert gate.gate and gate.max_ppl_increase_pct == 15.0 and gate.window == 64
     quantised = parse_recipe({**recipe.resolved(), "quantization": {"scheme": "int8-wo"}})
     assert [n for n, _ in variants(quantised, ("int4-rtn",))] == ["recipe"]
+    kv = dict(variants(quantised, ("int4-rtn", "kv-int8", "kiln-attention")))  # KV rows vary on a quantised recipe too
+    assert list(kv) == ["recipe", "kv-int8", "kiln-attention"]
+    assert (kv["kv-int8"].kv_cache.dtype, kv["kv-int8"].kv_cache.kernel, kv["kv-int8"].quantization.scheme) == ("int8", "kiln", "int8-wo")
+    assert (kv["kiln-attention"].kv_cache.dtype, kv["kiln-attention"].kv_cache.kernel) == ("fp32", "kiln")
+    assert kv["kv-int8"].quality.gate and kv["kv-int8"].name == "tiny-kv-int8"
 
 
 def test_tiny_tune_end_to_end(tiny_checkpoints, tmp_path, capsys):

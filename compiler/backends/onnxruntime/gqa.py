@@ -55,6 +55,27 @@ def window_of(mask: ir.Value) -> int | None:
     return None
 
 
+def cached_attention(op, q, k, v, past_k, past_v, write_index, mask, q_shape, k_shape, v_shape, y_shape):
+    """The pattern of compiler/frontend/layers.cached_attention (this fusion's and kiln::PagedAttention's)."""
+    def heads(x, shape):  # [B, S, N*D] -> [B, N, S, D]
+        return op.Transpose(op.Reshape(x, shape, _allow_other_attributes=True), _allow_other_attributes=True)
+
+    present_k = op.TensorScatter(past_k, heads(k, k_shape), write_index, _allow_other_attributes=True, _outputs=["present_k"])
+    present_v = op.TensorScatter(past_v, heads(v, v_shape), write_index, _allow_other_attributes=True, _outputs=["present_v"])
+    attended = op.Attention(heads(q, q_shape), present_k, present_v, mask, _allow_other_attributes=True, _outputs=["attended"])
+    y = op.Reshape(op.Transpose(attended, _allow_other_attributes=True), y_shape, _allow_other_attributes=True)
+    return y, present_k, present_v
+
+
+def refusal(mask: ir.Value, present_k: ir.Value, present_v: ir.Value) -> str | None:
+    """Why a match of cached_attention cannot become a kernel that attends over each row's length."""
+    if window_of(mask) is None:
+        return "attention mask is not the causal or sliding-window mask"
+    if any(v.producer().attributes.get_int("axis", -2) not in (2, -2) for v in (present_k, present_v)):
+        return "cache update is not on the sequence axis"
+    return None
+
+
 class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
     """Static-cache Attention + TensorScatter cache writes -> GroupQueryAttention."""
 
@@ -63,22 +84,11 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         self.heads, self.lens, self.refused = heads, lens, refused
 
     def pattern(self, op, q, k, v, past_k, past_v, write_index, mask, q_shape, k_shape, v_shape, y_shape):
-        def heads(x, shape):  # [B, S, N*D] -> [B, N, S, D]
-            return op.Transpose(op.Reshape(x, shape, _allow_other_attributes=True), _allow_other_attributes=True)
-
-        present_k = op.TensorScatter(past_k, heads(k, k_shape), write_index, _allow_other_attributes=True, _outputs=["present_k"])
-        present_v = op.TensorScatter(past_v, heads(v, v_shape), write_index, _allow_other_attributes=True, _outputs=["present_v"])
-        attended = op.Attention(heads(q, q_shape), present_k, present_v, mask, _allow_other_attributes=True, _outputs=["attended"])
-        y = op.Reshape(op.Transpose(attended, _allow_other_attributes=True), y_shape, _allow_other_attributes=True)
-        return y, present_k, present_v
+        return cached_attention(op, q, k, v, past_k, past_v, write_index, mask, q_shape, k_shape, v_shape, y_shape)
 
     def check(self, context, mask, present_k, present_v, attended, **_) -> pattern.MatchResult:
         result, name = pattern.MatchResult(), attended.producer().name
-        why = None
-        if window_of(mask) is None:
-            why = "attention mask is not the causal or sliding-window mask"
-        elif any(v.producer().attributes.get_int("axis", -2) not in (2, -2) for v in (present_k, present_v)):
-            why = "cache update is not on the sequence axis"
+        why = refusal(mask, present_k, present_v)
         if why:
             self.refused.append(f"GroupQueryAttention: {name} refused: {why}")
             return result.fail(why)
