@@ -195,3 +195,21 @@ def test_a_layer_the_rewrite_refuses_fails_the_build_naming_why(tiny_model):
     att.attributes["softcap"] = ir.AttrFloat32("softcap", 30.0)
     with pytest.raises(KilnError, match="1 attention nodes could not become kiln::PagedAttention .*softcap"):
         FusePagedAttention("float32", (4, 2)).run(model)
+
+
+@pytest.mark.parametrize("isa", BUILDS + ["numpy"])
+def test_positions_outside_the_rows_write_nothing_and_read_inside(isa):
+    """A position below 0 or at / past max_seq (a crafted or clipped call) never writes outside the
+    rows; its query attends over the rows it can see (clamped), as the reference does."""
+    q, k, v, past, pos, heads = _case(seed=8, S=2, M=32, start=(0, 0))
+    pos = np.array([[-1, 3], [31, 40]], dtype=np.int64)
+    kr, vr, ks, vs = _rows(past, "int8")
+    guard = np.full(64, 99, np.int8)  # bytes just past the rows' buffer
+    both = np.concatenate([kr.reshape(-1), guard])
+    kr = both[: kr.size].reshape(kr.shape)
+    want_rows = [x.copy() for x in (kr, vr, ks, vs)]
+    want = reference(q, k, v, *want_rows, pos, *heads, dtype="int8", inplace=True)
+    got = cpu.load(1, forced=isa)(q, k, v, kr, vr, ks, vs, pos, heads, "int8")
+    np.testing.assert_allclose(got, want, atol=5e-6)
+    np.testing.assert_array_equal(kr, want_rows[0])
+    assert (both[kr.size:] == 99).all()

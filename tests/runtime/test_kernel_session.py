@@ -93,3 +93,14 @@ def test_a_tampered_kernel_step_is_refused_at_load(tiny_artifacts, tmp_path, edi
     (art / "engine.json").write_text(json.dumps(cfg))
     with pytest.raises(InvalidEngineConfig, match=needle):
         load(art, verify=False)
+
+
+@pytest.mark.parametrize("part", ["../../../etc/passwd", "/etc/passwd", "model.part0.so", 7])
+def test_a_step_naming_a_file_outside_the_artifact_is_refused(tiny_artifacts, tmp_path, part):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts[("llama", "kiln")], art)
+    cfg = json.loads((art / "engine.json").read_text())
+    cfg["steps"][0]["part"] = part
+    (art / "engine.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidEngineConfig, match="is not an .onnx file name inside the artifact"):
+        load(art, verify=False)
