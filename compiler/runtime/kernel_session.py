@@ -140,13 +140,13 @@ class KernelSession:
         skip = frozenset(OUTPUTS) - {wanted}
         for i, s in enumerate(self.cfg.steps):
             if "part" not in s and fixed:
-                binding.plans_io[(id(env), i)]()
+                binding.prepared[(id(env), i)]()
             elif "part" not in s:
                 a = self.attends[i]
                 env[a.y] = self.kernel(env[a.q], env[a.k], env[a.v], *_rows(binding.cache.layers[a.layer]),
                                        env["position_ids"], a.heads, self.cfg.kv_cache.dtype, a.window, a.scale)
             elif fixed:
-                self.sessions[s["part"]].run_with_iobinding(binding.plans_io[(id(env), s["part"])])
+                self.sessions[s["part"]].run_with_iobinding(binding.prepared[(id(env), s["part"])])
             else:
                 run_part(self.sessions[s["part"]], binding.ios[s["part"]], s, env, skip=skip)
 
@@ -159,7 +159,7 @@ class Binding:
     def __init__(self, cache: RowCache, ios: dict[str, ort.IOBinding]):
         self.cache, self.ios = cache, ios
         self.plans: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
-        self.plans_io: dict[tuple[int, str | int], object] = {}  # (plan, part) -> IO binding; (plan, step) -> kernel call
+        self.prepared: dict[tuple[int, str | int], object] = {}  # (plan, part) -> IO binding; (plan, step) -> kernel call
 
     def plan(self, key: tuple, env: dict[str, np.ndarray], session: KernelSession) -> None:
         buffers = {name: np.array(value) for name, value in env.items()}  # owned copies: the OrtValues wrap them
@@ -167,7 +167,7 @@ class Binding:
         for i, s in enumerate(session.cfg.steps):
             if "part" not in s:  # the kernel over these buffers and this span's rows, made ready once
                 a = session.attends[i]
-                self.plans_io[(id(buffers), i)] = session.kernel.prepare(
+                self.prepared[(id(buffers), i)] = session.kernel.prepare(
                     buffers[a.q], buffers[a.k], buffers[a.v], *_rows(self.cache.layers[a.layer]), buffers["position_ids"],
                     a.heads, session.cfg.kv_cache.dtype, a.window, a.scale, buffers[a.y])
                 continue
@@ -177,11 +177,11 @@ class Binding:
             for name in s["outputs"]:
                 if name in buffers and (name not in OUTPUTS or name == wanted):
                     io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffers[name]))
-            self.plans_io[(id(buffers), s["part"])] = io
+            self.prepared[(id(buffers), s["part"])] = io
         self.plans[key] = buffers
         if len(self.plans) > MAX_PLANS:
             _, old = self.plans.popitem(last=False)
-            self.plans_io = {k: v for k, v in self.plans_io.items() if k[0] != id(old)}
+            self.prepared = {k: v for k, v in self.prepared.items() if k[0] != id(old)}
 
 
 def _rows(layer: tuple[np.ndarray, ...]) -> tuple:
