@@ -140,7 +140,7 @@ def _plugins(args) -> int:
         return 0
     for r in rows:
         print(f"{r['name']:18s} {r['op']}  (rewrite pass: {r['rewrite']})")
-        for key in ("onnxruntime", "tensorrt", "kernel", "gpu"):
+        for key in ("onnxruntime", "tensorrt", "kernel", "cpu", "gpu"):
             print(f"  {key:12s} {r[key]}")
     return 0
 

@@ -49,12 +49,17 @@ def rows() -> list[dict]:
         folder = ROOT / name
         tests = sorted(t.name for t in folder.glob("test_*.py"))
         text = "\n".join(t.read_text() for t in folder.glob("test_*.py"))
+        gpu = p.kernel is not None  # a TensorRT plugin layer runs the GPU kernel
         out.append({
             "name": name, "op": f"kiln::{p.op_type}",
             "onnxruntime": "decomposition (ONNX function)" + (", tested vs reference" if "run_decomposition" in text else ""),
-            "tensorrt": "IPluginV3 via the parser" + (", engine built in CI" if "build_engine" in text else ", untested"),
-            "kernel": ("Triton" + (", interpreter-tested in CI" if "run_kernel" in text else ", untested")) if p.kernel else "none",
-            "gpu": "timings in README.md" if (folder / "README.md").is_file() else "not measured on a GPU yet",
+            "tensorrt": ("IPluginV3 via the parser" + (", engine built in CI" if "build_engine" in text else ", untested"))
+            if gpu else "none (no GPU kernel for a plugin layer)",
+            "kernel": ("Triton" + (", interpreter-tested in CI" if "run_kernel" in text else ", untested")) if gpu else "none",
+            "cpu": ("C, one build per ISA, between the engine's graph parts" + (", tested vs reference in CI" if "cpu.load" in text
+                                                                                 else ", untested"))
+            if (folder / "cpu.py").is_file() else "none",
+            "gpu": ("timings in README.md" if (folder / "README.md").is_file() else "not measured on a GPU yet") if gpu else "no GPU kernel",
             "rewrite": "yes" if p.rewrite else "no", "tests": tests,
         })
     return out

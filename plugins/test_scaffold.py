@@ -76,4 +76,5 @@ def test_list_shows_bindings_and_tests(capsys):
         assert r["onnxruntime"].endswith("tested vs reference") == ("run_decomposition" in called), name
         assert r["tensorrt"].endswith("engine built in CI") == ("build_engine" in called), name
         assert r["kernel"].endswith("interpreter-tested in CI") == (p.kernel is not None and "run_kernel" in called), name
+        assert r["cpu"].endswith("tested vs reference in CI") == ((folder / "cpu.py").is_file() and "load" in called), name
     assert rows["rmsnorm_residual"]["op"] == "kiln::RmsNormResidual"

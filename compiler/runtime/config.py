@@ -203,12 +203,13 @@ class EngineConfig:
         if not isinstance(self.model_file, str) or not self.model_file or Path(self.model_file).name != self.model_file:
             raise bad(f"model_file={self.model_file!r} is not a file name inside the artifact")
         ranks = self.parallel.ranks if self.parallel is not None else []
-        for step in [*self.steps, *(s for r in ranks for s in r.steps)]:
-            part = step.get("part") if isinstance(step, dict) else None
-            if not isinstance(step, dict) or not (part or "kernel" in step or "collective" in step):
-                raise bad(f"step {step!r} is neither a graph part, a kernel nor a collective")
-            if part is not None and (not isinstance(part, str) or Path(part).name != part or not part.endswith(".onnx")):
-                raise bad(f"step part={part!r} is not an .onnx file name inside the artifact")
+        for step in [*self.steps, *(s for r in ranks for s in r.steps)]:  # part / engine: files the runtime opens
+            if not isinstance(step, dict) or not {"part", "kernel", "collective", "engine"} & set(step):
+                raise bad(f"step {step!r} is neither a graph part, a kernel, a collective nor an engine")
+            for key, suffix in (("part", ".onnx"), ("engine", ".engine")):
+                name = step.get(key, suffix)
+                if not isinstance(name, str) or Path(name).name != name or not name.endswith(suffix):
+                    raise bad(f"step {key}={name!r} is not an {suffix} file name inside the artifact")
         kv = self.kv_cache
         if kv is not None:
             dims = (kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.max_seq)

@@ -23,5 +23,4 @@ def op_reference(q, k, v, past_k, past_v, position_ids, past_k_scale=None, past_
 
 PLUGIN = Plugin(name="paged_attention", op_type=schema.OP_TYPE, doc=DOC, inputs=schema.INPUTS, outputs=schema.OUTPUTS,
                 attrs=schema.ATTRS, infer=schema.infer, reference=op_reference, decomposition=decomposition, kernel=None,
-                rewrite="plugins.paged_attention.rewrite:FusePagedAttention", engine_io=True,
-                tested={"onnxruntime": "CPU kernel (each ISA build) and decomposition vs the reference; engines vs ONNX Runtime's"})
+                rewrite="plugins.paged_attention.rewrite:FusePagedAttention", engine_io=True)

@@ -13,6 +13,7 @@ from onnx import helper
 
 import plugins
 from plugins.paged_attention import cpu
+from plugins.testing import run_decomposition
 from plugins.paged_attention.reference import FP8_VALUES, encode, fp8_decode, fp8_encode, reference
 
 PLUGIN = plugins.get("paged_attention")
@@ -62,13 +63,7 @@ def test_decomposition_matches_reference(attrs):
     q, k, v, past, pos, (nq, nkv) = _case()
     attrs = PLUGIN.attributes({"num_heads": nq, "kv_num_heads": nkv, **attrs})
     arrays = [q, k, v, past[0], past[1], pos]
-    names = [p.name for p in PLUGIN.inputs]
-    ins = [helper.make_tensor_value_info(n, T.INT64 if a.dtype == np.int64 else T.FLOAT, list(a.shape)) for n, a in zip(names, arrays)]
-    outs = [helper.make_tensor_value_info(p.name, T.FLOAT, None) for p in PLUGIN.outputs]
-    node = helper.make_node(PLUGIN.op_type, names, [p.name for p in PLUGIN.outputs], domain="kiln", **attrs)
-    model = helper.make_model(helper.make_graph([node], "g", ins, outs), ir_version=10, functions=[PLUGIN.function()],
-                              opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid("kiln", 1)])
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, dict(zip(names, arrays)))
+    got = run_decomposition(PLUGIN, arrays, attrs)
     for g, want in zip(got, PLUGIN.reference(*arrays, **attrs)):
         np.testing.assert_allclose(g, want, atol=2e-6)
 
