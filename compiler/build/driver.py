@@ -30,7 +30,7 @@ from compiler.build.card import render as render_card
 from compiler.build.compile import BuildResult, Prepared, compile_into, list_passes, prepare
 from compiler.build.gate import quality_gate
 from compiler.build.recipe import Recipe
-from compiler.runtime.kv_memory import SCALED, token_bytes
+from compiler.runtime.kv_memory import SCALED, bytes_per_token
 from compiler.frontend import models
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.sources import resolve_source
@@ -89,7 +89,7 @@ def _kv_record(recipe: Recipe, engine) -> dict | None:
     if kv is None:
         return None
     return {"dtype": kv.dtype, "attention": recipe.kv_cache.kernel, "scaled": kv.dtype in SCALED,
-            "bytes_per_token": 2 * kv.num_layers * kv.num_kv_heads * token_bytes(kv)}
+            "bytes_per_token": bytes_per_token(kv)}
 
 
 def _manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tmp: Path) -> dict:

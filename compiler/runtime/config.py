@@ -207,8 +207,8 @@ class EngineConfig:
             if not isinstance(step, dict) or not {"part", "kernel", "collective", "engine"} & set(step):
                 raise bad(f"step {step!r} is neither a graph part, a kernel, a collective nor an engine")
             for key, suffix in (("part", ".onnx"), ("engine", ".engine")):
-                name = step.get(key, suffix)
-                if not isinstance(name, str) or Path(name).name != name or not name.endswith(suffix):
+                name = step.get(key)
+                if key in step and (not isinstance(name, str) or Path(name).name != name or not name.endswith(suffix)):
                     raise bad(f"step {key}={name!r} is not an {suffix} file name inside the artifact")
         kv = self.kv_cache
         if kv is not None:

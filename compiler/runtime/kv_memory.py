@@ -40,6 +40,11 @@ def token_bytes(kv) -> int:
     return kv.head_dim * storage(kv).itemsize + (4 if kv.dtype in SCALED else 0)
 
 
+def bytes_per_token(kv) -> int:
+    """Bytes one token of a sequence takes: its keys and values in every layer and KV head."""
+    return 2 * kv.num_layers * kv.num_kv_heads * token_bytes(kv)
+
+
 class PagedArray:
     """A zero-filled array in its own anonymous mapping; `release(row)` frees a row's pages."""
 
@@ -93,7 +98,7 @@ class KVBlocks:
     def for_cache(cls, kv, budget_gib: float | None) -> "KVBlocks":
         """kv: the engine's KVCacheConfig. A block is one page of one head's keys (at least one token)."""
         tokens = max(PAGE // (kv.head_dim * storage(kv).itemsize), 1)
-        block_bytes = 2 * kv.num_layers * kv.num_kv_heads * token_bytes(kv) * tokens
+        block_bytes = bytes_per_token(kv) * tokens
         capacity = None if budget_gib is None else int(budget_gib * 2**30 // block_bytes)
         return cls(tokens, block_bytes, capacity, budget_gib)
 

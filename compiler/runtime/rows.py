@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
-from compiler.runtime.kv_memory import token_bytes
+from compiler.runtime.kv_memory import bytes_per_token
 
 _MAX_BINDINGS = 64  # distinct row ranges kept bound (an IO binding per range)
 DEFAULT_ROWS = 64  # host KV rows when max_num_seqs is not set
@@ -29,7 +29,7 @@ def row_count(cfg, sliceable: bool, max_num_seqs: int | None, kv_cache_gib: floa
     rows = min(max_num_seqs or cfg.max_batch, cfg.max_batch)
     kv = cfg.kv_cache
     if kv_cache_gib is not None and kv is not None:
-        row_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.max_seq * token_bytes(kv)
+        row_bytes = kv.max_seq * bytes_per_token(kv)
         fit = int(kv_cache_gib * 2**30 // row_bytes)
         if fit < 1:
             raise ValueError(f"a KV budget of {kv_cache_gib} GiB holds no sequence of max_seq {kv.max_seq} "

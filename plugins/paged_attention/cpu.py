@@ -37,7 +37,6 @@ FLAGS = {"avx512": ["-march=x86-64-v4", "-mtune=generic"], "avx2": ["-march=x86-
 NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c", "bmi2"},
          "avx2": {"avx2", "fma", "f16c", "bmi2"}, "portable": set()}
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "float8_e4m3fn": 4}
-SCALED = {"int8", "float8_e4m3fn"}  # rows that keep a scale per token and head
 _ptr = ctypes.c_void_p
 
 
@@ -66,12 +65,12 @@ def runnable(flags: set[str]) -> list[str]:
     return [isa for isa in ORDER if isa == "portable" or (x86 and NEEDS[isa] <= flags)]
 
 
-def library(isa: str, build: bool = True) -> Path | None:
+def library(isa: str) -> Path | None:
     """The shared library of one build, compiled now when missing (None: no compiler, or it failed)."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[isa]).encode()).hexdigest()[:16]
     path = cache_dir() / f"paged_attention-{isa}-{platform.machine()}-{digest}.so"
-    if path.exists() or not build:
-        return path if path.exists() else None
+    if path.exists():
+        return path
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
@@ -151,8 +150,9 @@ def load(threads: int = 1, flags: set[str] | None = None, forced: str | None = N
     forced = forced or os.environ.get("KILN_CPU_ISA") or None
     if forced is not None and forced not in (*ORDER, "numpy"):
         raise ValueError(f"KILN_CPU_ISA={forced!r} is not one of {', '.join((*ORDER, 'numpy'))}")
-    can = runnable(cpu_flags() if flags is None else flags)
-    choices = can if forced is None else [c for c in can if ORDER.index(c) >= ORDER.index(forced)] if forced != "numpy" else []
+    choices = runnable(cpu_flags() if flags is None else flags)  # best first
+    if forced is not None:  # that path and those below it
+        choices = [c for c in choices if forced != "numpy" and ORDER.index(c) >= ORDER.index(forced)]
     for isa in choices:
         path = library(isa)
         if path is not None:

@@ -20,11 +20,10 @@ from onnxscript.rewriter import pattern
 from compiler.backends.onnxruntime.gqa import CAUSAL, cached_attention, refusal, window_of
 from compiler.errors import KilnError
 from compiler.passes.base import Pass, PassResult
-from plugins.paged_attention.schema import OP_TYPE, SCALED
+from plugins.paged_attention.schema import KV_DTYPES, OP_TYPE, SCALED
 from plugins.spec import DOMAIN
 
-ROW_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.UINT16,
-             "int8": ir.DataType.INT8, "float8_e4m3fn": ir.DataType.UINT8}  # bfloat16 rows are read as their bits
+ROW_TYPES = {name: ir.DataType(t) for name, t in KV_DTYPES.items()}  # the schema's row types (TensorProto enums)
 
 
 class _Rule(pattern.RewriteRuleClassBase):
@@ -59,16 +58,15 @@ class FusePagedAttention(Pass):
 
     name = "fuse_paged_attention"
 
-    def __init__(self, kv_dtype: str = "float32", heads: tuple[int, int] | None = None):
-        self.kv_dtype, self.heads = kv_dtype, heads
+    def __init__(self, kv_dtype: str, heads: tuple[int, int]):
+        self.kv_dtype, self.heads = kv_dtype, heads  # heads: (Nq, Nkv) of the graph (a rank's, in a tp build)
 
     def run(self, model: ir.Model) -> PassResult:
         g, refused = model.graph, []
         positions = next((v for v in g.inputs if v.name == "position_ids"), None)
         if positions is None or not any(n.op_type == "TensorScatter" for n in g):
             return PassResult(model, False, ["refused: the graph has no KV cache"])
-        heads = self.heads or _heads(g)
-        pattern.RewriteRuleSet([_Rule.rule(heads, positions, self.kv_dtype, refused)]).apply_to_model(model)
+        pattern.RewriteRuleSet([_Rule.rule(self.heads, positions, self.kv_dtype, refused)]).apply_to_model(model)
         nodes = [n for n in g if n.domain == DOMAIN and n.op_type == OP_TYPE]
         left = [n.name for n in g if n.op_type == "Attention"]
         if left:  # a layer left on TensorScatter + Attention would read rows the kernel session never binds
@@ -78,15 +76,6 @@ class FusePagedAttention(Pass):
             _retype_rows(g, nodes, self.kv_dtype)
             model.opset_imports.setdefault(DOMAIN, 1)
         return PassResult(model, bool(nodes), [f"{len(nodes)} PagedAttention nodes, {self.kv_dtype} rows", *refused])
-
-
-def _heads(g: ir.Graph) -> tuple[int, int]:
-    """(Nq, Nkv) from the first Attention's operands: q's Reshape target and the cache input."""
-    att = next(n for n in g if n.op_type == "Attention")
-    nkv = att.inputs[1].shape[1]
-    q_reshape = att.inputs[0].producer().inputs[0].producer()
-    nq = int(q_reshape.inputs[1].const_value.numpy()[2])
-    return nq, nkv
 
 
 def _retype_rows(g: ir.Graph, nodes: list[ir.Node], kv_dtype: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import onnx
 
+from compiler.runtime.kv_memory import SCALED
 from plugins.spec import Attr, Port
 
 OP_TYPE = "PagedAttention"
@@ -34,7 +35,6 @@ ATTRS = (Attr("num_heads", "int", 1, "query heads Nq"), Attr("kv_num_heads", "in
          Attr("kv_dtype", "string", "float32", "what the rows hold"))
 KV_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
              "int8": onnx.TensorProto.INT8, "float8_e4m3fn": onnx.TensorProto.UINT8}
-SCALED = ("int8", "float8_e4m3fn")
 
 
 def infer(dtypes: list, shapes: list, attrs: dict) -> list[tuple]:

@@ -22,7 +22,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 _NP_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16", ir.DataType.INT64: "int64",
-             ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool"}
+             ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool", ir.DataType.INT8: "int8", ir.DataType.UINT8: "uint8"}
 
 
 class OnnxRuntimeBackend:

@@ -4,9 +4,10 @@ ONNX Runtime has no kernels for the kiln domain, so `rank{r}.onnx` (a rank graph
 `kiln::AllReduce` nodes) is cut into `rank{r}.part{k}.onnx`, and `model.onnx` with its
 `kiln::PagedAttention` nodes into `model.part{k}.onnx`: maximal runs of standard nodes, in
 topological order. Between two parts the runtime performs the collective with torch.distributed,
-or runs kiln's attention kernel over the KV rows it owns (runtime/kernel_session.py). A part's inputs are the graph inputs and earlier values it reads; its
-outputs are what later parts, collectives or the graph outputs read. Parts are written from the
-saved rank graph's protobuf, whose initializers refer to `rank{r}.onnx.data`: every part shares
+or runs kiln's attention kernel over the KV rows it owns (runtime/kernel_session.py). A part's
+inputs are the graph inputs and earlier values it reads; its outputs are what later parts, kiln
+ops or the graph outputs read. Parts are written from the saved graph's protobuf, whose
+initializers refer to its data file (`rank{r}.onnx.data`, `model.onnx.data`): every part shares
 that one weights file (no copies), and the cut never loads a weight.
 """
 
