@@ -25,7 +25,9 @@ import time
 import numpy as np
 
 from compiler.runtime.generation import GenerationConfig, Timing
+from compiler.runtime.grammar import Grammars
 from compiler.runtime.kv_manager import KVManager
+from compiler.runtime.logprobs import MAX_TOP, TokenLogprob
 from compiler.runtime.model_runner import Fed, ModelRunner
 from compiler.runtime.request import Request, StepOutput
 from compiler.runtime.rows import row_count
@@ -53,6 +55,7 @@ class EngineCore:
             self.spec = Speculator(engine, sched.speculative, rows)
         self.scheduler = Scheduler(sched, self.kv, self.spec, self.cfg.max_seq)
         self.runner = ModelRunner(engine, self.kv, self.spec)
+        self.grammars = Grammars(engine.text, self.cfg.vocab_size, list(self.cfg.generation.eos_token_ids))
         self._ids = itertools.count()
         self.stats = {"steps": 0, "batched_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "cancelled": 0,
                       "proposed": 0, "accepted": 0}
@@ -69,9 +72,28 @@ class EngineCore:
         if config.seed is not None and not 0 <= config.seed < 2**63:
             raise ValueError(f"seed must be in 0..2^63-1, got {config.seed}")
         SamplingParams(config.temperature, config.top_k, config.top_p)  # raises on a bad setting
+        self._check_outputs(config)
         limit = min(config.max_new_tokens, M - len(prompt_ids))
         self.kv.check_fits(len(prompt_ids), limit)
         return limit
+
+    def _check_outputs(self, config: GenerationConfig) -> None:
+        """Grammars and logprobs need the logits on the host; prompt logprobs every position's."""
+        caps = self.engine.session.capabilities
+        asked = [name for name, on in (("grammar", config.grammar is not None), ("logprobs", config.logprobs is not None),
+                                       ("prompt_logprobs", config.prompt_logprobs is not None)) if on]
+        if asked and caps.samples:
+            raise ValueError(f"{asked[0]} needs the logits, and this engine samples inside its graph; use an engine built "
+                             "without in-graph sampling")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(config, name)
+            if k is not None and not 0 <= k <= MAX_TOP:
+                raise ValueError(f"{name} must be 0..{MAX_TOP} alternatives, got {k}")
+        if config.prompt_logprobs is not None and not (caps.sliceable and caps.logits_at_every_position):
+            raise ValueError("prompt_logprobs (echo with logprobs) needs an engine that returns logits at every "
+                             "position (CPU, ONNX Runtime)")
+        if config.grammar is not None:
+            self.grammars.check(config.grammar)
 
     def add_request(self, prompt_ids: list[int], config: GenerationConfig, priority: int = 0,
                     rng: np.random.Generator | None = None) -> int:
@@ -84,6 +106,12 @@ class EngineCore:
                       rng or np.random.default_rng(config.seed), frozenset(stops), TextStream(self.engine.text, config.stop),
                       limit, priority, list(prompt_ids))
         req.gen.timing = Timing(prompt_tokens=len(prompt_ids))
+        if config.grammar is not None:
+            req.constraint = self.grammars.constraint(config.grammar)
+        if config.logprobs is not None:
+            req.gen.logprobs = []
+        if config.prompt_logprobs is not None:
+            req.gen.prompt_logprobs = [None]  # the first prompt token has no logprob
         self.scheduler.add(req)
         return req.id
 
@@ -131,8 +159,10 @@ class EngineCore:
             if self.spec is not None and r.fed <= r.prompt_len:  # a prompt chunk: a draft reads it too
                 self.spec.prefill(r.id, r.tokens[:r.fed])
             self.kv.keep(r, f.before)  # any prefix block it completed
-        for tok in f.tokens:
-            self._advance(r, tok, outs)
+        if f.prompt_logprobs and r.gen.prompt_logprobs is not None:
+            r.gen.prompt_logprobs += f.prompt_logprobs
+        for i, tok in enumerate(f.tokens):
+            self._advance(r, tok, outs, f.logprobs[i] if f.logprobs else None)
             if r.row is None:  # it finished
                 break
 
@@ -143,7 +173,7 @@ class EngineCore:
         self.stats["batched_tokens"] = plan.tokens
 
     # -- after a token ---------------------------------------------------------------------------
-    def _advance(self, r: Request, tok: int, outs: list[StepOutput]) -> None:
+    def _advance(self, r: Request, tok: int, outs: list[StepOutput], lp: TokenLogprob | None = None) -> None:
         now, timing, gen = time.perf_counter(), r.gen.timing, r.gen
         if not gen.token_ids and not r.t_first:
             r.t_first = now
@@ -151,11 +181,17 @@ class EngineCore:
         else:
             timing.decode_steps += 1
             timing.decode_s = now - r.t_first
-        text, done = "", tok in r.stops
+        if r.constraint is not None and not r.constraint.accept(tok):
+            self._fail(r, ValueError(f"the output broke its grammar at token {tok}: {r.constraint.error}"), outs)
+            return
+        text, done, lps = "", tok in r.stops, []
         if not done:
             gen.token_ids.append(tok)
             text = r.stream.push(tok)
-            done = r.stream.stopped
+            done = r.stream.stopped or (r.constraint is not None and r.constraint.done)
+            if lp is not None and gen.logprobs is not None:
+                gen.logprobs.append(lp)
+                lps = [lp]
         if done:
             gen.finish_reason = "stop"
         done = done or len(gen.token_ids) >= r.limit
@@ -163,13 +199,13 @@ class EngineCore:
             text += r.stream.finish()
             gen.text += text
             self._finish(r)
-            outs.append(StepOutput(r.id, text, finished=True, generation=gen))
+            outs.append(StepOutput(r.id, text, finished=True, generation=gen, logprobs=lps))
             return
         gen.text += text
         r.pending = [tok]
         r.tokens.append(tok)
-        if text:
-            outs.append(StepOutput(r.id, text))
+        if text or lps:
+            outs.append(StepOutput(r.id, text, logprobs=lps))
 
     def _fail(self, r: Request, error: Exception, outs: list[StepOutput]) -> None:
         r.gen.finish_reason = "error"

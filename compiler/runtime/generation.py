@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from compiler.runtime.grammar import GrammarSpec
+from compiler.runtime.logprobs import TokenLogprob
+
 ALIASES = {"max_tokens": "max_new_tokens"}  # the OpenAI and Triton names of a field
 
 
@@ -21,6 +24,9 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's eos ids
     chat: bool = False
+    grammar: GrammarSpec | None = None  # structured output: the tokens are constrained to it
+    logprobs: int | None = None  # None: off; k: each new token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # None: off; k: the same for every prompt token after the first
 
     @classmethod
     def of(cls, base: "GenerationConfig | None" = None, **fields) -> "GenerationConfig":
@@ -71,3 +77,5 @@ class Generation:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length" (| "cancelled" | "error" inside the engine core)
     timing: Timing = field(default_factory=Timing)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first: None)

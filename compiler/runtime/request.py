@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler.runtime.generation import Generation, GenerationConfig
+from compiler.runtime.grammar import Constraint
+from compiler.runtime.logprobs import TokenLogprob
 from compiler.runtime.sampling import SamplingParams
 from compiler.runtime.text import TextStream
 
@@ -24,6 +26,7 @@ class StepOutput:
     finished: bool = False
     generation: Generation | None = None  # set when finished (finish_reason stop | length | cancelled | error)
     error: Exception | None = None  # the engine failed on this request
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens this step added (when asked for)
 
 
 @dataclass(eq=False)
@@ -45,6 +48,12 @@ class Request:
     gen: Generation = field(default_factory=lambda: Generation("", [], "length"))
     t_start: float = 0.0  # first prefill call
     t_first: float = 0.0  # first token
+    constraint: Constraint | None = None  # its grammar (structured output)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt chunks need logits at every position (prompt logprobs)."""
+        return self.config.prompt_logprobs is not None
 
     @property
     def prefilling(self) -> bool:

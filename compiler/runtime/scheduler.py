@@ -104,6 +104,8 @@ class Scheduler:
         out = {}
         for r in decodes:
             guess = self.spec.propose(r.id, r.tokens, r.room(self.max_seq))
+            if guess and r.constraint is not None:  # a token the grammar forbids is never verified
+                guess = guess[: r.constraint.prefix(guess)]
             if guess:
                 out[r.id] = guess
         return out
@@ -111,7 +113,8 @@ class Scheduler:
     def _chunks(self, budget: int) -> list[tuple[Request, int]]:
         chunks, computing = [], set()  # prefix blocks this step's chunks will complete
         for r in sorted((r for r in self.running if r.prefilling), key=lambda r: r.order):
-            self.kv.reuse(r)
+            if not r.scores_prompt:  # a prompt whose logprobs are asked for is computed, not copied
+                self.kv.reuse(r)
             first = self.kv.completes(r, r.fed + self.kv.block_size)[:1]
             if computing and first and first[0] in computing:
                 continue  # another request computes this prefix right now: reuse it next step
