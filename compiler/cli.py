@@ -161,11 +161,11 @@ def _serve(args) -> int:
                                            "kv_cache_gib", "speculate", "draft", "num_speculative")}
     settings = RuntimeSettings.resolve(Path(args.artifact), flags, args.tuned)  # flags > --tuned > recipe's > kiln's
     engine = load(args.artifact, threads=settings.threads, config_entries=_draft_entries(args))
-    if engine.config.task != "generate":
-        raise ValueError(f"{args.artifact} is not a text generator; kiln serve serves decoder artifacts")
     name = args.name or Path(args.artifact).resolve().name
     app = create_app(engine, name, args.max_queue, settings)
-    if not args.quiet:
+    if not args.quiet and engine.config.task != "generate":
+        print(f"serving {name} on http://{args.host}:{args.port}/v1 (embeddings)", file=sys.stderr)
+    elif not args.quiet:
         core = app.state.batcher.core
         use = core.kv.usage()
         kv = f"KV budget {use.budget_tokens} tokens in {use.budget_gib} GiB, " if use.block_tokens is not None else ""

@@ -33,8 +33,16 @@ class Encoder:
         out = [self._batch(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
+    def embed_ids(self, ids: list[list[int]], batch_size: int = 32) -> np.ndarray:
+        """Embeddings [N, H] of prompts given as token ids (special tokens as the caller put them)."""
+        out = [self._run(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
     def _batch(self, texts: list[str]) -> np.ndarray:
-        ids = [self.text.encode(t)[: self.config.max_seq] for t in texts]
+        return self._run([self.text.encode(t) for t in texts])
+
+    def _run(self, ids: list[list[int]]) -> np.ndarray:
+        ids = [x[: self.config.max_seq] for x in ids]
         S = max(len(x) for x in ids)
         pad = self.config.generation.pad_token_id
         input_ids = np.array([x + [pad] * (S - len(x)) for x in ids], dtype=np.int64)

@@ -51,7 +51,7 @@ class Text:
                     self._literal = literal
         return self._literal.encode(text, add_special_tokens=False).ids
 
-    def apply_chat(self, messages: list[dict]) -> str:
+    def apply_chat(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this engine's tokenizer has no chat template; generate without chat")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -61,8 +61,10 @@ class Text:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
+        extra = {"tools": tools} if tools else {}
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self._token("bos_token"), eos_token=self._token("eos_token"))
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self._token("bos_token"),
+            eos_token=self._token("eos_token"), **extra)
 
     def prompt_ids(self, prompt: str | list[dict], chat: bool) -> list[int]:
         if chat:
@@ -70,10 +72,10 @@ class Text:
             return self.chat_ids(messages)
         return self.encode(prompt)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The rendered chat prompt's ids, with message content tokenized as text only.
         Raises ValueError when content with special-token text is not in the prompt verbatim."""
-        rendered = self.apply_chat(messages)
+        rendered = self.apply_chat(messages, tools)
         unsafe = [i for i, m in enumerate(messages) if self._has_special(m.get("content"))]
         if not unsafe:
             return self.encode(rendered, add_special_tokens=False)
@@ -81,7 +83,7 @@ class Text:
         # the template's, and the template's text around the real content must give the rendering
         mark = f"\x00kiln-{uuid.uuid4().hex}-"
         marked = [{**m, "content": f"{mark}{i}\x00"} if i in unsafe else m for i, m in enumerate(messages)]
-        parts = self.apply_chat(marked).split(mark)
+        parts = self.apply_chat(marked, tools).split(mark)
         tags = [f"{i}\x00" for i in unsafe]
         contents = [messages[i]["content"] for i in unsafe]
         template = [parts[0]] + [p[len(t):] for p, t in zip(parts[1:], tags)]

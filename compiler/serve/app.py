@@ -1,190 +1,157 @@
-"""The OpenAI-compatible API: /v1/completions, /v1/chat/completions (SSE streaming or not),
-/v1/models, /health and /metrics. Bad requests get 400 with the reason (the prompt is tokenized
-and checked against max_seq here, once); a full queue 429; a stopping server, or one whose
-engine worker has stopped, 503 (/health too). A request whose client goes away is cancelled."""
+"""kiln serve's OpenAI-compatible API.
+
+Routes: /v1/completions and /v1/chat/completions (SSE or whole; structured outputs, tools,
+logprobs, n: serve/generate.py) for decoder artifacts, /v1/embeddings for encoder artifacts,
+/tokenize and /detokenize (vLLM's shapes), /v1/models, /health and /metrics.
+
+Errors come in OpenAI's error object ({"error": {message, type, param, code}}): 400 for a bad
+request, naming the field (an unknown field too: kiln refuses what it does not implement), 404
+for a model name this server does not serve, 413 for a body over MAX_BODY, 429 when the queue is
+full, 503 when the server is stopping or its engine worker has stopped (/health too). A request
+whose client goes away is cancelled.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
+import base64
+import logging
 from contextlib import asynccontextmanager
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compiler.runtime.engine import Engine, Generation, GenerationConfig
 from compiler.runtime.settings import RuntimeSettings
-from compiler.serve.jobs import Job, Overloaded, Unavailable
+from compiler.runtime.tools import tool_format
+from compiler.serve.api import ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from compiler.serve.generate import Generations, checked_ids, chat_message
 from compiler.serve.metrics import Metrics
-from compiler.serve.reply import JobStream, Reply, failure
+from compiler.serve.reply import ApiError
 from compiler.serve.worker import EngineWorker
 
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int = Field(128, ge=1, le=32768)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = 1
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported (one choice per request)")
-        return n
-
-    def config(self, chat: bool) -> GenerationConfig:
-        return GenerationConfig.of(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                                   top_p=self.top_p, seed=self.seed, stop=self.stop, chat=chat)
+MAX_BODY = 32 << 20  # bytes a request body may have
+log = logging.getLogger("kiln.serve")
 
 
-class CompletionRequest(_Params):
-    prompt: str = Field(min_length=1)
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Params):
-    messages: list[Message] = Field(min_length=1)
-
-
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
-def create_app(engine: Engine, name: str, max_queue: int = 64, settings: RuntimeSettings | None = None) -> FastAPI:
-    """Requests join the running batch as KV rows free up and are answered as they finish;
-    settings: rows, the per-step token budget, the prefix cache, speculation (runtime/settings.py)."""
+def create_app(engine, name: str, max_queue: int = 64, settings: RuntimeSettings | None = None) -> FastAPI:
+    """engine: a decoder Engine (requests join the running batch as KV rows free up; settings: rows,
+    the per-step token budget, the prefix cache, speculation) or an Encoder (embeddings)."""
     metrics = Metrics()
-    batcher = EngineWorker(engine, max_queue, settings, metrics)
+    generating = engine.config.task == "generate"
+    batcher = EngineWorker(engine, max_queue, settings, metrics) if generating else None
+    gen = Generations(engine, name, batcher, metrics, tool_format(engine.text)) if generating else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        batcher.close()  # later submissions get 503
+        if batcher is not None:
+            batcher.close()  # later submissions get 503
 
     app = FastAPI(title="kiln serve", lifespan=lifespan)
     app.state.batcher = batcher
 
-    def refuse(endpoint: str, status: int, message: str, kind: str) -> JSONResponse:
-        metrics.requests.labels(endpoint, str(status)).inc()
-        return _error(status, message, kind)
+    def refuse(path: str, e: ApiError) -> JSONResponse:
+        metrics.requests.labels(path, str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         e = exc.errors()[0]
         where = ".".join(str(x) for x in e["loc"] if x != "body")
-        return refuse(request.url.path, 400, f"invalid request: {where}: {e['msg']}", "invalid_request_error")
+        if e["type"] == "extra_forbidden":
+            return refuse(request.url.path, ApiError(400, f"unsupported field {where}: kiln does not implement it; "
+                                                          "remove it from the request", where, code="unsupported_field"))
+        msg = e["msg"].removeprefix("Value error, ")
+        return refuse(request.url.path, ApiError(400, f"invalid request: {where + ': ' if where else ''}{msg}", where or None))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return refuse(request.url.path, exc)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # logged with its traceback; the client gets the shape
+        log.error("%s failed", request.url.path, exc_info=exc)
+        return refuse(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"[:500]))
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+            return refuse(request.url.path, ApiError(413, f"the request body is {int(size)} bytes, over the limit of "
+                                                          f"{MAX_BODY}; send a smaller request", code="request_too_large"))
+        return await call_next(request)
+
+    def served(model: str | None, generates: bool) -> None:
+        if model not in (None, name):
+            raise ApiError(404, f"model {model!r} is not served here; this server serves {name!r} (see /v1/models)",
+                           "model", code="model_not_found")
+        if generates != generating:
+            raise ApiError(400, f"{name} is {'a text generator' if generating else 'an embedding model'}; "
+                                f"{'/v1/embeddings needs an encoder artifact' if generating else 'use /v1/embeddings'}",
+                           "model", code="wrong_endpoint")
 
     @app.get("/health")
     def health():
-        if not batcher.alive:
+        if batcher is not None and not batcher.alive:
             return JSONResponse({"status": "dead", "queue": batcher.depth,
                                  "detail": "the engine worker has stopped; restart the server"}, status_code=503)
-        return {"status": "ok", "queue": batcher.depth}
+        return {"status": "ok", "queue": batcher.depth if batcher else 0}
 
     @app.get("/metrics")
     def prometheus():
-        metrics.queue.set(batcher.depth)
-        metrics.engine_state(batcher.core)
+        if batcher is not None:
+            metrics.queue.set(batcher.depth)
+            metrics.engine_state(batcher.core)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "kiln"}]}
-
-    async def run(request: Request, req: _Params, prompt: str | list[dict], chat: bool, endpoint: str) -> Response:
-        t0 = time.perf_counter()
-        try:
-            ids = engine.text.prompt_ids(prompt, chat)
-        except ValueError as e:
-            return refuse(endpoint, 400, f"invalid request: {e}", "invalid_request_error")
-        job = Job(ids, req.config(chat), asyncio.get_running_loop(), asyncio.Queue())
-        try:
-            batcher.core.validate(ids, job.config)  # length, settings, KV budget: a plain 400 before any stream
-        except ValueError as e:
-            return refuse(endpoint, 400, f"invalid request: {e}", "invalid_request_error")
-        try:
-            batcher.submit(job)
-        except Overloaded:
-            return refuse(endpoint, 429, "server busy: the request queue is full, retry later", "overloaded")
-        except Unavailable as e:
-            return refuse(endpoint, 503, str(e), "unavailable")
-        reply = Reply(job, endpoint, metrics, t0)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if req.stream:
-            return JobStream(_sse(reply, rid, chat), reply)
-        try:
-            return await _whole(request, reply, rid, chat)
-        finally:
-            reply.close()
-
-    async def _whole(request: Request, reply: Reply, rid: str, chat: bool) -> Response:
-        text, gen = "", None
-        async for item in reply.items(request):
-            if isinstance(item, Exception):
-                status, kind = failure(item)
-                return _error(status, str(item), kind)
-            if isinstance(item, Generation):
-                gen = item
-            else:
-                text += item
-        if gen is None:  # the client has gone: nobody reads this
-            return Response(status_code=499)
-        choice = {"index": 0, "finish_reason": gen.finish_reason}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        n_prompt = len(reply.job.ids)
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": name, "choices": [choice],
-                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(gen.token_ids),
-                                       "total_tokens": n_prompt + len(gen.token_ids)}})
-
-    async def _sse(reply: Reply, rid: str, chat: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        created = int(time.time())
-
-        def chunk(piece: str | None, finish: str | None, usage: dict | None = None) -> str:
-            if chat:
-                choice = {"index": 0, "delta": {} if piece is None else {"content": piece}, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": piece or "", "finish_reason": finish}
-            body = {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
-            if usage:  # the last chunk carries the token count (OpenAI's include_usage, always on)
-                body["usage"] = usage
-            return "data: " + json.dumps(body) + "\n\n"
-
-        if chat:
-            yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name, "choices": [
-                {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
-        async for item in reply.items():
-            if isinstance(item, Exception):  # the stream has started: report in-band
-                yield "data: " + json.dumps({"error": {"message": str(item), "type": failure(item)[1]}}) + "\n\n"
-            elif isinstance(item, Generation):
-                yield chunk(None, item.finish_reason, {"completion_tokens": len(item.token_ids)})
-            else:
-                yield chunk(item, None)
-        yield "data: [DONE]\n\n"
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "kiln",
+                                            "max_model_len": engine.config.max_seq}]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await run(request, req, req.prompt, False, "/v1/completions")
+        served(req.model, True)
+        return await gen.run(request, gen.completion_plan(req), "/v1/completions")
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        return await run(request, req, [m.model_dump() for m in req.messages], True, "/v1/chat/completions")
+        served(req.model, True)
+        return await gen.run(request, gen.chat_plan(req), "/v1/chat/completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        served(req.model, False)
+        items = [req.input] if isinstance(req.input, str) or (req.input and isinstance(req.input[0], int)) else req.input
+        if not items or any(not x for x in items):
+            raise ApiError(400, "invalid request: input: an input is empty", "input")
+        ids = [engine.text.encode(x) if isinstance(x, str) else checked_ids(x, engine.config.vocab_size, "input") for x in items]
+        vectors = await asyncio.to_thread(engine.embed_ids, ids)  # [N, H]
+        if req.dimensions not in (None, vectors.shape[1]):
+            raise ApiError(400, f"invalid request: dimensions: this model's embeddings have {vectors.shape[1]} "
+                                "dimensions and kiln does not shorten them; leave dimensions out", "dimensions")
+        data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                 if req.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+        n = sum(len(x) for x in ids)
+        metrics.requests.labels("/v1/embeddings", "200").inc()
+        return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.post("/tokenize")
+    def tokenize(req: TokenizeRequest):
+        served(req.model, generating)
+        if req.messages is not None:
+            try:
+                tokens = engine.text.chat_ids([chat_message(m) for m in req.messages])
+            except ValueError as e:
+                raise ApiError(400, f"invalid request: messages: {e}", "messages") from None
+        else:
+            tokens = engine.text.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": engine.config.max_seq, "tokens": tokens}
+
+    @app.post("/detokenize")
+    def detokenize(req: DetokenizeRequest):
+        served(req.model, generating)
+        return {"prompt": engine.text.decode(checked_ids(req.tokens, engine.config.vocab_size, "tokens"))}
 
     return app

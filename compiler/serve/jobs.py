@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from compiler.runtime.engine import Engine, GenerationConfig
+from compiler.runtime.logprobs import TokenLogprob
 
 log = logging.getLogger("kiln.serve")
 
@@ -33,12 +34,20 @@ class Unavailable(Exception):
     """The server takes no requests (503): it is stopping, or its worker has stopped."""
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Text that became final in a step, and the logprobs of the tokens the step added (when asked)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
 @dataclass
 class Job:
     ids: list[int]  # the prompt's token ids (checked against max_seq by the HTTP handler)
     config: GenerationConfig
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue  # text pieces, then a Generation (done) or an Exception
+    out: asyncio.Queue  # Pieces, then a Generation (done) or an Exception
     enqueued: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
@@ -51,7 +60,7 @@ class Job:
         self._cancelled.set()
 
     def send(self, item: object) -> None:
-        """Hand a text piece, the Generation or an Exception to the request (from any thread)."""
+        """Hand a Piece, the Generation or an Exception to the request (from any thread)."""
         if self.cancelled:
             return
         try:

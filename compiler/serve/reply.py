@@ -19,10 +19,23 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from compiler.runtime.engine import Generation
-from compiler.serve.jobs import Job, Unavailable
+from compiler.serve.jobs import Job, Piece, Unavailable
 from compiler.serve.metrics import Metrics
 
 POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+
+
+class ApiError(Exception):
+    """A request answered with an error in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def failure(e: Exception) -> tuple[int, str]:
@@ -35,51 +48,61 @@ def failure(e: Exception) -> tuple[int, str]:
 
 
 class Reply:
-    def __init__(self, job: Job, endpoint: str, metrics: Metrics, t0: float):
-        self.job, self.endpoint, self.metrics, self.t0 = job, endpoint, metrics, t0
-        self.done = False  # the job has answered (a Generation or an Exception), or was cancelled
+    """The jobs of one request (one per choice: `n`, and each prompt of a completions batch),
+    read together; items come tagged with their job's index."""
 
-    async def items(self, request: Request | None = None) -> AsyncIterator[str | Generation | Exception]:
-        """Text pieces, then the Generation or an Exception. With `request`, it ends early, with
-        neither, when that client disconnects."""
-        first = True
-        while not self.done:
-            item = await self._next(request)
-            if item is None:
-                return
-            if isinstance(item, Generation):
-                self.done = True
-                self.metrics.tokens.inc(len(item.token_ids))
-                self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.t0)
-                self.metrics.requests.labels(self.endpoint, "200").inc()
-            elif isinstance(item, Exception):
-                self.done = True
-                self.metrics.requests.labels(self.endpoint, str(failure(item)[0])).inc()
-            elif first:
-                self.metrics.ttft.observe(time.perf_counter() - self.t0)
-                first = False
-            yield item
+    def __init__(self, jobs: list[Job], endpoint: str, metrics: Metrics, t0: float):
+        self.jobs, self.endpoint, self.metrics, self.t0 = jobs, endpoint, metrics, t0
+        self.open = set(range(len(jobs)))  # jobs that have not answered (a Generation or an Exception)
+        self.error: Exception | None = None  # the first a job answered with
 
-    async def _next(self, request: Request | None) -> str | Generation | Exception | None:
-        """The job's next item; None if `request`'s client disconnects first."""
-        if request is None:
-            return await self.job.out.get()
-        get = asyncio.ensure_future(self.job.out.get())
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    async def items(self, request: Request | None = None) -> AsyncIterator[tuple[int, Piece | Generation | Exception]]:
+        """(job index, item): Pieces, then each job's Generation or Exception. With `request`, it
+        ends early when that client disconnects."""
+        first, gets = True, {}
         try:
-            while True:
-                await asyncio.wait({get}, timeout=POLL_S)
-                if get.done():
-                    return get.result()
-                if await request.is_disconnected():
-                    return None
+            while self.open:
+                for i in self.open - gets.keys():
+                    gets[i] = asyncio.ensure_future(self.jobs[i].out.get())
+                done, _ = await asyncio.wait(gets.values(), timeout=POLL_S if request else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                for i in sorted(i for i, g in gets.items() if g in done):
+                    item = gets.pop(i).result()
+                    if isinstance(item, (Generation, Exception)):
+                        self.open.discard(i)
+                        self._count(item)
+                    elif first:
+                        self.metrics.ttft.observe(time.perf_counter() - self.t0)
+                        first = False
+                    yield i, item
         finally:
-            get.cancel()  # a no-op once done; the queue keeps an item a cancelled get() did not take
+            for g in gets.values():
+                g.cancel()  # a no-op once done; the queue keeps an item a cancelled get() did not take
+
+    def _count(self, item: Generation | Exception) -> None:
+        if isinstance(item, Generation):
+            self.metrics.tokens.inc(len(item.token_ids))
+        else:
+            self.error = self.error or item
+        if self.open:
+            return
+        self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.t0)
+        self.metrics.requests.labels(self.endpoint, "200" if self.error is None else str(failure(self.error)[0])).inc()
 
     def close(self) -> None:
-        """The request is over: a job that has not answered is cancelled, and counted."""
-        if not self.done:
-            self.done = True
-            self.job.cancel()
+        """The request is over: jobs that have not answered are cancelled, and counted once."""
+        if self.open:
+            self.open = set()
+            for job in self.jobs:
+                job.cancel()
             self.metrics.cancelled.labels(self.endpoint).inc()
 
 

@@ -3,7 +3,7 @@
 One thread drives an EngineCore (`runtime/core.py`): it moves jobs from the bounded queue into
 the core while the core has rows for them (so a full server answers 429 instead of hoarding
 requests), cancels the requests whose clients have gone, runs a step (every decode, then prompt
-chunks under the token budget) and hands each job its text pieces and Generation. A request the
+chunks under the token budget) and hands each job its Pieces (text, logprobs) and Generation. A request the
 core refuses (its settings, its length) gets its ValueError and nothing else changes; a step
 that fails answers only the requests of the failing call (the core reports them).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from compiler.runtime.core import StepOutput
 from compiler.runtime.engine import Engine
 from compiler.runtime.settings import RuntimeSettings
-from compiler.serve.jobs import Job, Worker
+from compiler.serve.jobs import Job, Piece, Worker
 
 
 class EngineWorker(Worker):
@@ -66,8 +66,8 @@ class EngineWorker(Worker):
         job = self.jobs_by_request.get(out.request_id)
         if job is None:
             return
-        if out.text:
-            job.send(out.text)
+        if out.text or out.logprobs:
+            job.send(Piece(out.text, tuple(out.logprobs)))
         if out.finished:
             del self.jobs_by_request[out.request_id]
             if out.error is not None:

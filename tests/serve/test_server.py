@@ -68,7 +68,7 @@ def test_chat_streaming_equals_non_streaming(server):
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "hi", "seed": -1}, "seed"),  # once killed the in-flight scheduler
     ({"prompt": "hi", "seed": 2**63}, "seed"),
-    ({"prompt": "hi", "n": 2}, "n"),  # one choice per request: refused, not ignored
+    ({"prompt": "hi", "n": 17}, "n"),  # over the choices a request may ask for
 ])
 def test_bad_requests_get_400_with_the_reason(server, body, field):
     with httpx.Client(base_url=server.url, timeout=30) as c:
