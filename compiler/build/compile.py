@@ -34,6 +34,7 @@ from compiler.passes import PassManager, plugin_ops
 from compiler.passes.base import PassRecord
 from compiler.runtime.config import EngineConfig, GenerationDefaults
 from compiler.runtime.text import Text
+from compiler.runtime import tools
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Prepared:
     facts: ModelFacts
     layout: Layout | None  # tp x pp, or None for a single-rank build
     model: ir.Model | None  # the frontend's graph (lazy weights), single-rank builds only
+    tools: dict | None = None  # how the chat template carries tool calls (runtime/tools.py); None: no template
 
 
 @dataclass
@@ -69,7 +71,7 @@ def prepare(recipe: Recipe, source: Path, ckpt: Checkpoint, digest: str, build_k
     the parallel layout and the backend's recipe rules."""
     arch = models.lookup(ckpt.config)
     cfg = arch.config(ckpt.config)
-    _check_tokenizer(ckpt)
+    tools = _check_tokenizer(ckpt) if arch.task == "generate" else None
     if recipe.max_seq > cfg.max_position_embeddings:
         raise KilnError(f"max_seq {recipe.max_seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}",
                         "lower max_seq in the recipe")
@@ -84,7 +86,7 @@ def prepare(recipe: Recipe, source: Path, ckpt: Checkpoint, digest: str, build_k
     facts = ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size, _generation(ckpt), arch.task)
     model = arch.build(cfg, ckpt, recipe.max_seq)  # lazy: no weight is read yet
     ckpt.check_all_claimed(arch.ignored_weights)  # a lying config.json is refused here
-    return Prepared(source, ckpt, digest, build_key, arch, cfg, facts, lay, model if lay is None else None)
+    return Prepared(source, ckpt, digest, build_key, arch, cfg, facts, lay, model if lay is None else None, tools)
 
 
 def compile_into(recipe: Recipe, prep: Prepared, out: Path, dump_ir: Path | None, progress: bool) -> BuildResult:
@@ -156,9 +158,10 @@ def _generation(ckpt: Checkpoint) -> GenerationDefaults:
     return GenerationDefaults(bos_token_id=bos[0] if bos else None, eos_token_ids=eos, pad_token_id=(pad or eos or [0])[0])
 
 
-def _check_tokenizer(ckpt: Checkpoint) -> None:
+def _check_tokenizer(ckpt: Checkpoint) -> dict | None:
     """Load the tokenizer files as the runtime will (and render a one-message chat through the
-    template), so an artifact that `kiln run` cannot load is never built."""
+    template), so an artifact that `kiln run` cannot load is never built; returns how the template
+    carries tool calls (None without a chat template)."""
     if not (ckpt.root / "tokenizer.json").is_file():
         raise KilnError(f"{ckpt.root} has no tokenizer.json", "add the model's tokenizer.json (a fast tokenizer) to the checkpoint")
     try:
@@ -169,6 +172,16 @@ def _check_tokenizer(ckpt: Checkpoint) -> None:
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise KilnError(f"{ckpt.root}: the tokenizer files do not load ({why})", "fix or re-download tokenizer.json, "
                         "tokenizer_config.json and the chat template") from None
+    return tool_record(text) if text.chat_template else None
+
+
+def tool_record(text: Text) -> dict:
+    """The chat template's tool-call format, after rendering a whole round trip through it (a tool
+    list, a call, its result) and parsing the call back; {"format": "unsupported", "why"} if not."""
+    fmt, why = tools.usable_format(text)
+    if fmt is None:
+        return {"format": "unsupported", "why": why}
+    return {"format": fmt.source, "start": fmt.start, "end": fmt.end, "arguments_key": fmt.args_key}
 
 
 def _log_plugins(records: list[dict], tmp: Path, progress: bool) -> None:

@@ -119,6 +119,7 @@ def _manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tm
         "build_key": prep.build_key,
         "plugins": result.plugins,
         "kv_cache": _kv_record(recipe, engine),
+        "tools": prep.tools,
     } | record({}, sorted(tmp.iterdir()))  # "files": {name: sha256}, "sizes": {name: bytes}
 
 

@@ -18,6 +18,7 @@ runs so that a template that cannot carry tools is known before the first reques
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from compiler.runtime.text import Text
@@ -187,10 +188,11 @@ def tool_format(text: Text) -> ToolFormat:
 
 
 def _read_format(head: str, full: str) -> ToolFormat | None:
-    at = full.find('"kiln_probe_weather"', len(head) if full.startswith(head) else 0)
-    if at < 0 or not full.startswith(head):
-        return None
-    begin = full.rfind("{", len(head), at)
+    """The format from the prompt alone (head) and the prompt with the probe call (full): what
+    lies between their common start and the call's JSON, the JSON's arguments key, what follows."""
+    base = len(os.path.commonprefix([head, full]))
+    at = full.find('"kiln_probe_weather"', base)
+    begin = full.rfind("{", base, at) if at >= 0 else -1
     if begin < 0:
         return None
     try:
@@ -202,7 +204,7 @@ def _read_format(head: str, full: str) -> ToolFormat | None:
         return None
     tail = full[stop:]
     end = tail[: _turn_end(tail)]
-    return ToolFormat("template", full[len(head):begin], end.rstrip() if end.strip() else "", key)
+    return ToolFormat("template", full[base:begin], end.rstrip() if end.strip() else "", key)
 
 
 def _turn_end(tail: str) -> int:
@@ -228,3 +230,15 @@ def check(text: Text, fmt: ToolFormat) -> None:
     calls, _ = fmt.parse(fmt.call_text("kiln_probe_weather", PROBE_ARGS))
     if [c.name for c in calls] != ["kiln_probe_weather"] or json.loads(calls[0].arguments) != PROBE_ARGS:
         raise ValueError("a tool call in the template's format does not parse back")
+
+
+def usable_format(text: Text) -> tuple[ToolFormat | None, str]:
+    """(the template's tool format after check() passed, "") or (None, why tools cannot be used)."""
+    if not text.chat_template:
+        return None, "the engine has no chat template"
+    fmt = tool_format(text)
+    try:
+        check(text, fmt)
+    except Exception as e:  # noqa: BLE001  (any template failure means no tools)
+        return None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return fmt, ""

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from compiler.runtime.settings import RuntimeSettings
-from compiler.runtime.tools import tool_format
+from compiler.runtime.tools import usable_format
 from compiler.serve.api import ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
 from compiler.serve.generate import Generations, checked_ids, chat_message
 from compiler.serve.metrics import Metrics
@@ -40,7 +40,7 @@ def create_app(engine, name: str, max_queue: int = 64, settings: RuntimeSettings
     metrics = Metrics()
     generating = engine.config.task == "generate"
     batcher = EngineWorker(engine, max_queue, settings, metrics) if generating else None
-    gen = Generations(engine, name, batcher, metrics, tool_format(engine.text)) if generating else None
+    gen = Generations(engine, name, batcher, metrics, *usable_format(engine.text)) if generating else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -50,8 +50,11 @@ class Plan:
 
 
 class Generations:
-    def __init__(self, engine: Engine, name: str, batcher: EngineWorker, metrics: Metrics, tools: ToolFormat):
+    def __init__(self, engine: Engine, name: str, batcher: EngineWorker, metrics: Metrics, tools: ToolFormat | None,
+                 no_tools: str = ""):
+        """tools: the chat template's tool format (runtime/tools.py); None, and why: tools are refused."""
         self.engine, self.name, self.batcher, self.metrics, self.fmt = engine, name, batcher, metrics, tools
+        self.no_tools = no_tools
         self.text = engine.text
 
     # -- requests -> plans -----------------------------------------------------------------------
@@ -60,6 +63,9 @@ class Generations:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice or ("auto" if tools else "none")
         active = tools if choice != "none" else None
+        if (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)) and self.fmt is None:
+            raise ApiError(400, f"this engine cannot take tools ({self.no_tools}); send the request without tools",
+                           "tools", code="tools_unsupported")
         grammar = _grammar(req)
         if active and choice != "auto":
             if grammar is not None:
@@ -67,7 +73,7 @@ class Generations:
                                "output; drop one", "tool_choice")
             named = choice.function.name if isinstance(choice, NamedTool) else None
             grammar = GrammarSpec("lark", self.fmt.grammar(active, named, req.parallel_tool_calls))
-        msgs, template_tools = self.fmt.render(messages, active)
+        msgs, template_tools = self.fmt.render(messages, active) if self.fmt else (messages, None)
         try:
             ids = self.text.chat_ids(msgs, template_tools)
         except ValueError as e:

@@ -125,6 +125,12 @@ def test_tool_calls_round_trip(client):
     assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_the_build_records_the_tool_format(server):
+    manifest = json.loads((server.engine.path / "kiln.json").read_text())
+    assert manifest["tools"]["format"] == "kiln" and manifest["tools"]["start"] == "<tool_call>\n"
+    assert "- tool calls: kiln's format" in (server.engine.path / "README.md").read_text()
+
+
 def test_a_named_tool_is_called_and_streamed_as_deltas(client):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Time?"}], max_tokens=200,
                                             tools=[WEATHER, CLOCK], parallel_tool_calls=False, stream=True,
