@@ -82,7 +82,7 @@ bench-plugins: setup   ## plugin kernels vs torch eager and the bandwidth bound 
 bench-gpu: setup model   ## ONNX Runtime CUDA engines vs transformers on a GPU (needs kiln[cuda]); see docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_gpu.py --out bench-results/bench-gpu.json
 
-# SCENARIOS=a,b,c,d PEER=vllm|none; the vLLM peer is installed into .cache/peers/vllm on first use
+# SCENARIOS=a,b,c,d,s,u PEER=vllm|none (s, u: structured outputs and their unconstrained twin); the vLLM peer is installed into .cache/peers/vllm on first use
 SCENARIOS ?= a,b,c,d
 PEER ?= vllm
 # SCHEMES=fp32,int4-rtn,... SIZES=0.5B,2B; checkpoints are made once under .cache/bench-build (5 GB)

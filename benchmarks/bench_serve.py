@@ -7,6 +7,10 @@ Scenarios (streaming /v1/completions, temperature 0, the same prompts and max_to
   d  16 requests: a shared 500-token prefix and a short suffix of its own, 64 new; the first
      alone (it computes the prefix), then the other 15 from 15 clients, one every 0.5 s (each
      generates for seconds, so they overlap)
+  s  32 clients ask for a 6-field JSON object (response_format json_schema), 100-token text and
+     the request, up to 96 new (64 requests)
+  u  the same requests as s without response_format (s's unconstrained twin: s/u tok/s is the
+     cost of the grammar; reported as s_over_u)
 
 Interleaved: for each scenario kiln runs, then vLLM; each server is started fresh for the scenario
 (so no prefix cache carries over) and stopped before the other starts, so never both compute at
@@ -55,7 +59,16 @@ SCENARIOS = {
     "b": {"title": "8 clients, 500-1000-token prompts, 64 new", "clients": 8, "new": 64},
     "c": {"title": "32 clients, 128-token prompts, 64 new", "clients": 32, "new": 64},
     "d": {"title": "1, then 15 every 0.5 s; shared 500-token prefix", "clients": 16, "new": 64},
+    "s": {"title": "32 clients, a 6-field JSON object by json_schema", "clients": 32, "new": 96},
+    "u": {"title": "s's requests without response_format", "clients": 32, "new": 96},
 }
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city", "email", "member", "tags"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
+                         "email": {"type": "string"}, "member": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4}}}
+EXTRA = {"s": {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}}}
+ASK_JSON = ("\n\nFrom the text above, invent a person who could have written it and answer with a JSON object "
+            "with the fields name, age, city, email, member and tags.\n")
 D_INTERVAL_S = 0.5
 
 
@@ -70,6 +83,8 @@ def build_prompts(src: PromptSource, key: str) -> tuple[list[str], dict]:
     elif key == "d":
         prompts, shared = src.shared_prefix(500, 16)
         return prompts, {"shared_prefix_tokens": shared, "prompt_tokens": [src.count(p) for p in prompts]}
+    elif key in ("s", "u"):  # the same text for both (cut once, see all_prompts)
+        prompts = [src.take(100) + ASK_JSON for _ in range(64)]
     else:
         raise ValueError(key)
     return prompts, {"prompt_tokens": [src.count(p) for p in prompts]}
@@ -81,7 +96,7 @@ def run_prompts(url: str, model: str, key: str, prompts: list[str], sc: dict, ti
     of all 15 at once is bounded by computing their 15 suffixes, ~half the first prompt's
     tokens here, whatever the cache does.)"""
     if key != "d":
-        return run_scenario(url, model, prompts, sc["clients"], sc["new"], timeout_s)
+        return run_scenario(url, model, prompts, sc["clients"], sc["new"], timeout_s, extra=EXTRA.get(key))
     first, w1 = run_scenario(url, model, prompts[:1], 1, sc["new"], timeout_s)
     later, w2 = run_scenario(url, model, prompts[1:], sc["clients"] - 1, sc["new"], timeout_s, D_INTERVAL_S)
     return first + later, w1 + w2
@@ -107,6 +122,8 @@ def summarise(results: list[dict], wall: float, max_tokens: int, expected_prompt
              (r["tokens"] - 1) / (r["end"] - r["first_at"]) for r in ok if r["tokens"] > 1 and r["first_at"]]) else None,
          "prompt_tokens_reported": len(seen), "prompt_tokens_mismatched": sum(1 for a, b in seen if a != b),
          "errors": sorted({r.get("error", "") for r in results if not r["ok"]})[:5]}
+    if scenario == "s":  # every answer should be the object asked for
+        s["json_valid"] = sum(1 for r in ok if _is_person(r.get("text", "")))
     if scenario == "d" and results[0]["ok"] and results[0]["ttft"] is not None:
         # the first request ran alone and computed the shared prefix; the others came after it
         later = [r["ttft"] for r in results[1:] if r["ok"] and r["ttft"] is not None]
@@ -114,6 +131,14 @@ def summarise(results: list[dict], wall: float, max_tokens: int, expected_prompt
         s["ttft_later_median_ms"] = pct(later, 50)
         s["later_over_first"] = round(s["ttft_later_median_ms"] / s["ttft_first_ms"], 2) if later else None
     return s
+
+
+def _is_person(text: str) -> bool:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and set(obj) == set(PERSON["required"])
 
 
 # ---------------------------------------------------------------- main
@@ -181,6 +206,9 @@ def print_table(report: dict) -> None:
             if "ttft_first_ms" in r:
                 print(f"{'':50} {name:7} TTFT first {r['ttft_first_ms']} ms, later median "
                       f"{r['ttft_later_median_ms']} ms ({r['later_over_first']}x)")
+        if sc.get("s_over_u"):
+            valid = {n: (sc["results"][n] or {}).get("json_valid") for n in sc["s_over_u"]}
+            print(f"{'':50} {'s/u':7} tok/s constrained over unconstrained: {sc['s_over_u']}; valid JSON answers: {valid}")
     print("times in ms; k/v = kiln/vLLM (latency: <1 kiln faster; tok/s: >1 kiln faster)")
 
 
@@ -245,7 +273,8 @@ def main() -> int:
     src = PromptSource(hf_dir / "tokenizer.json")
     warm_prompt = src.take(32)
     # every scenario's prompts are cut in a fixed order, so a scenario's text does not depend on --scenarios
-    all_prompts = {key: build_prompts(src, key) for key in SCENARIOS}
+    all_prompts = {key: build_prompts(src, key) for key in SCENARIOS if key != "u"}
+    all_prompts["u"] = all_prompts["s"]
     report: dict = {
         "machine": machine(), "note": a.note, "dtype": "float32", "threads": a.threads,
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
@@ -307,6 +336,11 @@ def main() -> int:
                     "decode_tok_s": round(k["decode_tok_s_p50"] / run["decode_tok_s"], 2) if k["decode_tok_s_p50"] else None}
             if k and v and "skipped" not in v:
                 entry["ratio_kiln_over_vllm"] = ratios(k, v)
+            if key == "u" and "s" in report["scenarios"]:  # the grammar's cost, per server
+                report["scenarios"]["s"]["s_over_u"] = {
+                    n: round(r["tok_s"] / entry["results"][n]["tok_s"], 3)
+                    for n, r in report["scenarios"]["s"]["results"].items()
+                    if r.get("tok_s") and entry["results"].get(n, {}).get("tok_s")}
     finally:
         kiln.stop()
         if peer:

@@ -73,11 +73,14 @@ class PromptSource:
 
 # ---------------------------------------------------------------- one streaming request
 
-def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: int, deadline: float) -> dict:
+def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: int, deadline: float,
+                   extra: dict | None = None) -> dict:
+    """extra: more body fields (a scenario's response_format)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     t0 = time.perf_counter()
     times: list[float] = []
+    pieces: list[str] = []
     finish, usage, done = None, None, False
     try:
         with client.stream("POST", "/v1/completions", json=body) as r:
@@ -98,6 +101,7 @@ def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: in
                 for ch in ev.get("choices") or []:
                     if ch.get("text"):
                         times.append(now)
+                        pieces.append(ch["text"])
                     finish = ch.get("finish_reason") or finish
                 if ev.get("usage"):
                     usage = ev["usage"]
@@ -108,7 +112,7 @@ def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: in
     out = {"ok": ok, "start": t0, "end": t1, "finish": finish, "tokens": (usage or {}).get("completion_tokens", 0),
            "prompt_tokens": (usage or {}).get("prompt_tokens"),
            "ttft": times[0] - t0 if times else None, "first_at": times[0] if times else None,
-           "itl": np.diff(times).tolist() if len(times) > 1 else []}
+           "itl": np.diff(times).tolist() if len(times) > 1 else [], "text": "".join(pieces)}
     if not ok:
         out["error"] = "truncated: " + ", ".join(n for n, v in (("no [DONE]", done), ("no finish_reason", finish),
                                                                ("no usage", usage)) if not v)
@@ -116,7 +120,7 @@ def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: in
 
 
 def run_scenario(url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
-                 timeout_s: float, stagger_s: float = 0.0) -> tuple[list[dict], float]:
+                 timeout_s: float, stagger_s: float = 0.0, extra: dict | None = None) -> tuple[list[dict], float]:
     """`clients` threads take the prompts in order from one queue, released together (client i
     starts i * stagger_s later); after timeout_s nothing more is sent and streams still open are
     cut (counted as failed)."""
@@ -139,7 +143,7 @@ def run_scenario(url: str, model: str, prompts: list[str], clients: int, max_tok
                     i, p = work.get_nowait()
                 except queue.Empty:
                     return
-                results[i] = stream_request(c, model, p, max_tokens, deadline)
+                results[i] = stream_request(c, model, p, max_tokens, deadline, extra)
 
     threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
