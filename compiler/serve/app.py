@@ -21,6 +21,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compiler.runtime.settings import RuntimeSettings
 from compiler.runtime.tools import usable_format
@@ -74,13 +76,12 @@ def create_app(engine, name: str, max_queue: int = 64, settings: RuntimeSettings
         log.error("%s failed", request.url.path, exc_info=exc)
         return refuse(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"[:500]))
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            return refuse(request.url.path, ApiError(413, f"the request body is {int(size)} bytes, over the limit of "
-                                                          f"{MAX_BODY}; send a smaller request", code="request_too_large"))
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):  # unknown routes, methods, oversize bodies
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return refuse(request.url.path, ApiError(exc.status_code, str(exc.detail), code=code))
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
 
     def served(model: str | None, generates: bool) -> None:
         if model not in (None, name):
@@ -155,3 +156,33 @@ def create_app(engine, name: str, max_queue: int = 64, settings: RuntimeSettings
         return {"prompt": engine.text.decode(checked_ids(req.tokens, engine.config.vocab_size, "tokens"))}
 
     return app
+
+
+class BodyLimit:
+    """Pure ASGI (a BaseHTTPMiddleware would hide client disconnects from the handlers): a body
+    over `limit` bytes is refused with 413, by its Content-Length or, when chunked, once read."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.limit:  # answered here: the app's handlers are inside
+            error = ApiError(413, self._why(int(size)), code="request_too_large")
+            return await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, self._why(seen))
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _why(self, size: int) -> str:
+        return f"the request body has {size} bytes or more, over the limit of {self.limit}; send a smaller request"

@@ -80,8 +80,9 @@ def test_one_conversion_of_a_request_into_a_generation_config():
     assert (cfg.max_new_tokens, cfg.stop, cfg.top_k, cfg.temperature, cfg.seed) == (8, ("\n",), 0, 0.5, 1)
     assert GenerationConfig.of(stop=["a", "b"]).stop == ("a", "b")
     assert GenerationConfig.of(ignore_eos=True).stop_token_ids == ()
-    with pytest.raises(ValueError, match="unknown generation setting logprobs"):
-        GenerationConfig.of(logprobs=2)
+    assert GenerationConfig.of(logprobs=2).logprobs == 2
+    with pytest.raises(ValueError, match="unknown generation setting frequency_penalty"):
+        GenerationConfig.of(frequency_penalty=0.5)
 
 
 def test_a_malformed_tuned_record_is_refused_in_one_line(served, tmp_path):

@@ -231,3 +231,14 @@ def test_oversize_and_bad_token_requests(server, client):
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/embeddings", json={"input": "hi"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint"
+
+
+def test_a_chunked_oversize_body_and_unknown_routes_get_openais_shape(server):
+    def chunks():
+        for _ in range(40):
+            yield b" " * (1 << 20)
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
