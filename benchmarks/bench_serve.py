@@ -9,8 +9,9 @@ Scenarios (streaming /v1/completions, temperature 0, the same prompts and max_to
      generates for seconds, so they overlap)
   s  32 clients ask for a 6-field JSON object (response_format json_schema), 100-token text and
      the request, up to 96 new (64 requests)
-  u  the same requests as s without response_format (s's unconstrained twin: s/u tok/s is the
-     cost of the grammar; reported as s_over_u)
+  u  the same requests as s without response_format, each capped at the tokens its s twin
+     generated on the same server, so both do the same work: s/u tok/s (s_over_u) is the
+     grammar's cost (run s first)
 
 Interleaved: for each scenario kiln runs, then vLLM; each server is started fresh for the scenario
 (so no prefix cache carries over) and stopped before the other starts, so never both compute at
@@ -90,13 +91,14 @@ def build_prompts(src: PromptSource, key: str) -> tuple[list[str], dict]:
     return prompts, {"prompt_tokens": [src.count(p) for p in prompts]}
 
 
-def run_prompts(url: str, model: str, key: str, prompts: list[str], sc: dict, timeout_s: float) -> tuple[list[dict], float]:
+def run_prompts(url: str, model: str, key: str, prompts: list[str], sc: dict, timeout_s: float,
+                caps: list[int] | None = None) -> tuple[list[dict], float]:
     """A scenario's requests; (d): the first alone (it computes the shared prefix), then the
     others from as many clients, one every D_INTERVAL_S, overlapping as they generate. (A burst
     of all 15 at once is bounded by computing their 15 suffixes, ~half the first prompt's
     tokens here, whatever the cache does.)"""
     if key != "d":
-        return run_scenario(url, model, prompts, sc["clients"], sc["new"], timeout_s, extra=EXTRA.get(key))
+        return run_scenario(url, model, prompts, sc["clients"], caps or sc["new"], timeout_s, extra=EXTRA.get(key))
     first, w1 = run_scenario(url, model, prompts[:1], 1, sc["new"], timeout_s)
     later, w2 = run_scenario(url, model, prompts[1:], sc["clients"] - 1, sc["new"], timeout_s, D_INTERVAL_S)
     return first + later, w1 + w2
@@ -124,6 +126,7 @@ def summarise(results: list[dict], wall: float, max_tokens: int, expected_prompt
          "errors": sorted({r.get("error", "") for r in results if not r["ok"]})[:5]}
     if scenario == "s":  # every answer should be the object asked for
         s["json_valid"] = sum(1 for r in ok if _is_person(r.get("text", "")))
+        s["valid_answers_per_s"] = round(s["json_valid"] / wall, 2) if wall > 0 else None
     if scenario == "d" and results[0]["ok"] and results[0]["ttft"] is not None:
         # the first request ran alone and computed the shared prefix; the others came after it
         later = [r["ttft"] for r in results[1:] if r["ok"] and r["ttft"] is not None]
@@ -287,6 +290,7 @@ def main() -> int:
         "scenarios": {}}
 
     failed_kiln = 0
+    s_tokens: dict[str, list[int]] = {}  # per server: what each request of s generated
     try:
         for key in keys:
             sc = SCENARIOS[key]
@@ -314,7 +318,10 @@ def main() -> int:
                 try:
                     warm_up(server, warm_prompt)
                     load = os.getloadavg()
-                    results, wall = run_prompts(server.url, model_name, key, prompts, sc, a.scenario_timeout)
+                    caps = s_tokens.get(name) if key == "u" else None  # u does the work s did on this server
+                    results, wall = run_prompts(server.url, model_name, key, prompts, sc, a.scenario_timeout, caps)
+                    if key == "s":
+                        s_tokens[name] = [max(r.get("tokens") or sc["new"], 1) for r in results]
                     s = summarise(results, wall, sc["new"], pinfo["prompt_tokens"], key)
                     s["startup_s"] = round(server.startup_s or 0, 1)
                     s["loadavg_before"] = [round(x, 2) for x in load]

@@ -119,7 +119,7 @@ def stream_request(client: httpx.Client, model: str, prompt: str, max_tokens: in
     return out
 
 
-def run_scenario(url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
+def run_scenario(url: str, model: str, prompts: list[str], clients: int, max_tokens: int | list[int],
                  timeout_s: float, stagger_s: float = 0.0, extra: dict | None = None) -> tuple[list[dict], float]:
     """`clients` threads take the prompts in order from one queue, released together (client i
     starts i * stagger_s later); after timeout_s nothing more is sent and streams still open are
@@ -143,7 +143,8 @@ def run_scenario(url: str, model: str, prompts: list[str], clients: int, max_tok
                     i, p = work.get_nowait()
                 except queue.Empty:
                     return
-                results[i] = stream_request(c, model, p, max_tokens, deadline, extra)
+                cap = max_tokens[i] if isinstance(max_tokens, list) else max_tokens  # a cap per prompt, or one
+                results[i] = stream_request(c, model, p, cap, deadline, extra)
 
     threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:

@@ -105,22 +105,30 @@ class Constraint:
     def __init__(self, matcher, vocab: int):
         self.matcher, self.vocab = matcher, vocab
         self.bits = np.full((1, (vocab + 31) // 32), -1, dtype=np.int32)  # [1, ceil(V / 32)] one bit a token
+        self._allowed: np.ndarray | None = None  # [V] bool of self.bits, unpacked by fill()
 
     def fill(self) -> None:
-        """The next token's mask into self.bits (llguidance drops the GIL: runs beside the model call)."""
+        """The next token's mask into self.bits, unpacked (runs beside the model call: llguidance and
+        ONNX Runtime drop the GIL)."""
         row = self.bits[0]
         self.matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        self._allowed = self.allowed(row)
 
     def allowed(self, bits: np.ndarray | None = None) -> np.ndarray:
         """[V] bool: the tokens the mask lets through."""
+        if bits is None and self._allowed is not None:
+            return self._allowed
         b = self.bits[0] if bits is None else bits
         return np.unpackbits(b.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
 
     def apply(self, logits: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
         """logits [V] -> a copy with forbidden tokens at -inf."""
-        return np.where(self.allowed(bits), logits, -np.inf).astype(logits.dtype)
+        out = logits.copy()
+        out[~self.allowed(bits)] = -np.inf
+        return out
 
     def accept(self, token: int) -> bool:
+        self._allowed = None  # the mask was for the token before this one
         return bool(self.matcher.consume_token(int(token)))
 
     @property
@@ -147,4 +155,5 @@ class Constraint:
                 raise ValueError(f"token {tokens[i]} breaks the grammar: {self.error}")
         if tokens:
             self.matcher.rollback(len(tokens))
+        self._allowed = None
         return out
