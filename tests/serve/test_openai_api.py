@@ -242,3 +242,32 @@ def test_a_chunked_oversize_body_and_unknown_routes_get_openais_shape(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_n_choices_share_the_prompts_kv_blocks(client, server):
+    prompt = "Once upon a time, in a land far away, there lived a king who had three daughters and no sons"
+    n_prompt = len(server.engine.text.encode(prompt))
+    before = server.batcher.core.stats["prefill_tokens"]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, n=3, temperature=1.0, seed=3)
+    fed = server.batcher.core.stats["prefill_tokens"] - before
+    assert len(r.choices) == 3 and r.usage.prompt_tokens == n_prompt
+    assert fed < 2 * n_prompt, (fed, n_prompt)  # three prompts computed once, and the siblings' last blocks
+
+
+def test_streamed_logprobs_equal_the_whole_answers(client):
+    body = dict(model="tiny", messages=ASK, max_tokens=8, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**body).choices[0].logprobs.content
+    streamed = [c for ev in client.chat.completions.create(**body, stream=True) if ev.choices and ev.choices[0].logprobs
+                for c in ev.choices[0].logprobs.content]
+    assert [(c.token, round(c.logprob, 6)) for c in streamed] == [(c.token, round(c.logprob, 6)) for c in whole]
+
+
+def test_a_client_that_hangs_up_on_n_streams_frees_every_row(server):
+    from tests.serve.loopback import post_raw, read_until, wait_for
+
+    sock = post_raw(server.port, "/v1/chat/completions", {"messages": ASK, "max_tokens": 200, "n": 3, "stream": True,
+                                                          "response_format": {"type": "json_object"}})
+    read_until(sock, b"data: {")
+    sock.close()
+    wait_for(lambda: not server.batcher.running and not server.batcher.depth, "the three choices to be dropped")
+    assert_no_kv_left(server)
