@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER_PACKAGES = {"numpy", "onnxruntime", "tokenizers", "tensorrt", "tensorrt_rtx", "jinja2"}
 # torch only where a runtime needs it: gloo collectives of multi-rank CPU engines, CUDA buffers of TensorRT
 TORCH_USERS = {"compiler.runtime.distributed", "compiler.runtime.tensorrt_session"}
+# llguidance only in the grammar module, imported on a structured request's first use (kiln[serve])
+OPTIONAL = {"compiler.runtime.grammar": {"llguidance"}}
 # plugin pieces a runtime session runs itself (kiln's CPU attention kernel): numpy and the standard library only
 RUNTIME_PLUGINS = {"plugins", "plugins.paged_attention", "plugins.paged_attention.cpu", "plugins.paged_attention.reference"}
 
@@ -135,7 +137,7 @@ def test_runtime_third_party_imports_are_what_a_server_has():
     for module, path in mods.items():
         if module.startswith("compiler.runtime") or module in RUNTIME_PLUGINS:
             tops = {n.split(".")[0] for n in _imported(path, module)}
-            extra = tops - stdlib - SERVER_PACKAGES - {"compiler", "plugins", "__future__", ""} - ({"torch"} if module in TORCH_USERS else set())
+            extra = tops - stdlib - SERVER_PACKAGES - {"compiler", "plugins", "__future__", ""} - ({"torch"} if module in TORCH_USERS else set()) - OPTIONAL.get(module, set())
             if extra:
                 found[module] = sorted(extra)
     assert found == {}

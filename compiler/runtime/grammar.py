@@ -56,7 +56,7 @@ def grammar_text(spec: GrammarSpec) -> str:
         try:
             return m.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as e:
-            raise ValueError(f"the JSON schema is not valid JSON ({e})") from None
+            raise ValueError(f"the JSON schema cannot be read ({e})") from None
     if spec.kind == "regex":
         return m.grammar_from_regex(spec.source)
     if spec.kind == "lark":

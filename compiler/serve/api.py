@@ -193,6 +193,17 @@ class CalledFunction(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        try:
+            ok = isinstance(json.loads(v), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("a tool call's arguments must be a JSON object as text")
+        return v
+
 
 class ToolCall(Strict):
     id: str

@@ -105,7 +105,7 @@ def test_logprobs_are_the_log_softmax_of_the_logits(engine):
 
 @pytest.mark.parametrize("spec,why", [
     (GrammarSpec("json_schema", '{"type": "strin"}'), "invalid JSON schema"),
-    (GrammarSpec("json_schema", "{not json"), "not valid JSON"),
+    (GrammarSpec("json_schema", "{not json"), "cannot be read"),
     (GrammarSpec("regex", "([a-z"), "invalid regex"),
     (GrammarSpec("lark", "start: undefined_rule"), "invalid grammar"),
     (GrammarSpec("choice", "[]"), "non-empty list"),

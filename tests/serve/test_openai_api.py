@@ -211,6 +211,9 @@ def test_request_shapes_clients_send(client, server):
     ({"n": 17}, 400, "n"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None),
     ({"extra_body": {"logprobs": 2}}, 400, "logprobs"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{not json"}}]}]}, 400, None),
+    ({"messages": [{"role": "tool", "content": "18 C"}]}, 400, None),
 ])
 def test_refused_requests_get_the_status_and_openais_error_shape(client, kwargs, status, param):
     body = {"model": "tiny", "messages": ASK, "max_tokens": 4, **kwargs}
