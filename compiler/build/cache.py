@@ -47,7 +47,7 @@ def up_to_date(dest: Path, build_key: str) -> dict | None:
 def source_digest(ckpt) -> str:
     """ckpt.digest(), remembered per (path, size, mtime) of its files: an unchanged source is not
     re-hashed on every up-to-date check."""
-    paths = sorted({ckpt.root / "config.json", *(f.path for f in ckpt.files), *ckpt.tokenizer_files()})
+    paths = ckpt.hashed_files()
     stamp = key("stat", [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths])
     memo = cache_root() / "digests" / stamp
     if memo.is_file():

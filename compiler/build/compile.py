@@ -29,7 +29,7 @@ from compiler.errors import KilnError
 from compiler.frontend import models
 from compiler.frontend.checkpoint import Checkpoint
 from compiler.frontend.sharding import Layout
-from compiler.frontend.sources import resolve_source
+from compiler.frontend.sources import open_source
 from compiler.passes import PassManager, plugin_ops
 from compiler.passes.base import PassRecord
 from compiler.runtime.config import EngineConfig, GenerationDefaults
@@ -131,8 +131,7 @@ def _single_rank(recipe: Recipe, prep: Prepared, ctx: pipeline.Context, dump_ir:
 
 def list_passes(recipe: Recipe) -> list[tuple[str, str]]:
     """The build's pipeline as (name, what it does), without reading a weight or calibrating."""
-    source = resolve_source(recipe.source)
-    ckpt = Checkpoint.open(source)
+    source, ckpt = open_source(recipe.source, recipe.adapter_list())
     arch = models.lookup(ckpt.config)
     cfg = arch.config(ckpt.config)
     ctx = pipeline.Context(arch, cfg, ckpt, progress=False)
@@ -199,8 +198,7 @@ def _log_plugins(records: list[dict], tmp: Path, progress: bool) -> None:
 def compile_engine(recipe: Recipe, out: Path, progress: bool = False) -> BuildResult:
     """A runnable engine of `recipe` in `out` (the backend's files and the tokenizer; no gate,
     no kiln.json): what the quality gate compares against."""
-    source = resolve_source(recipe.source)
-    ckpt = Checkpoint.open(source)
+    source, ckpt = open_source(recipe.source, recipe.adapter_list())
     digest = build_cache.source_digest(ckpt)
     prep = prepare(recipe, source, ckpt, digest, build_cache.key(recipe.resolved(), digest))
     result = compile_into(recipe, prep, out, None, progress)

@@ -32,8 +32,7 @@ from compiler.build.gate import quality_gate
 from compiler.build.recipe import Recipe
 from compiler.runtime.kv_memory import SCALED, bytes_per_token
 from compiler.frontend import models
-from compiler.frontend.checkpoint import Checkpoint
-from compiler.frontend.sources import resolve_source
+from compiler.frontend.sources import open_source
 from compiler.fsutil import replace_dir
 from compiler.runtime.manifest import Manifest, write_manifest
 from compiler.runtime.verify import record
@@ -46,8 +45,7 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     recipe, source, kiln and backend versions and still intact is kept (its manifest gets
     "up_to_date": true) unless force."""
     t0 = time.perf_counter()
-    source = resolve_source(recipe.source)
-    ckpt = Checkpoint.open(source)
+    source, ckpt = open_source(recipe.source, recipe.adapter_list())
     digest = build_cache.source_digest(ckpt)
     build_key = build_cache.key(recipe.resolved(), digest, _backend_version(recipe))
     if not force and dump_ir is None and (done := build_cache.up_to_date(out_root / recipe.name, build_key)) is not None:
@@ -120,6 +118,7 @@ def _manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tm
         "plugins": result.plugins,
         "kv_cache": _kv_record(recipe, engine),
         "tools": prep.tools,
+        "adapters": [a.record() for a in prep.ckpt.adapters],  # LoRA adapters merged into the weights
     } | record({}, sorted(tmp.iterdir()))  # "files": {name: sha256}, "sizes": {name: bytes}
 
 

@@ -82,9 +82,11 @@ def default_text() -> str:
 
 
 def evaluate(artifact: Path, reference: Path | None = None, text_path: Path | None = None, window: int = 2048,
-             chunk: int = 256, threads: int | None = None, progress: bool = True) -> EvalResult:
+             chunk: int = 256, threads: int | None = None, progress: bool = True,
+             adapters: list[tuple[str, str]] = ()) -> EvalResult:
     """Perplexity of `artifact` on the first `window` predicted tokens of the text; with a
-    reference (artifact dir or checkpoint dir) also its perplexity, top-1 agreement and mean KL."""
+    reference (artifact dir or checkpoint dir) also its perplexity, top-1 agreement and mean KL.
+    adapters: (name, path) of LoRA adapters a checkpoint reference is built with (merged)."""
     t0 = time.perf_counter()
     if window < 1 or chunk < 1:
         raise KilnError(f"window ({window}) and chunk ({chunk}) must be positive", "pass --window N with N >= 1")
@@ -101,7 +103,7 @@ def evaluate(artifact: Path, reference: Path | None = None, text_path: Path | No
     with ExitStack() as stack:
         spill, ref_nll = None, 0.0
         if reference is not None:  # the reference runs first, alone: one engine in memory at a time
-            ref = _reference(Path(reference), window, threads, stack)
+            ref = _reference(Path(reference), window, threads, stack, adapters)
             _check_compatible(EngineConfig.load(Path(artifact) / "engine.json"), ref, text, ids)
             spill = stack.enter_context(tempfile.TemporaryFile(prefix="kiln-eval-ref."))
             ref_nll = _spill_reference(ref, ids, chunk, spill, progress)
@@ -224,7 +226,7 @@ def _read_text(text_path: Path | None) -> tuple[str, str]:
         raise KilnError(f"text file {path} is not valid UTF-8", "pass a UTF-8 text file to --text") from None
 
 
-def _reference(path: Path, window: int, threads: int | None, stack: ExitStack) -> Engine:
+def _reference(path: Path, window: int, threads: int | None, stack: ExitStack, adapters=()) -> Engine:
     """An artifact dir is loaded as is; a checkpoint dir is built into a temporary fp32 engine."""
     if (path / "engine.json").is_file():
         return _load_artifact(path, threads, window)
@@ -240,7 +242,8 @@ def _reference(path: Path, window: int, threads: int | None, stack: ExitStack) -
         pass  # the build reports a bad config.json itself
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-eval-ref.")))
     recipe = parse_recipe({"schema": 1, "name": "reference", "source": str(path), "dtype": "float32",
-                           "max_seq": max_seq, "max_batch": 1, "onnxruntime": {"graph": "contrib"}}, "the fp32 reference")
+                           "max_seq": max_seq, "max_batch": 1, "onnxruntime": {"graph": "contrib"},
+                           "adapters": [{"name": n, "path": p} for n, p in adapters]}, "the fp32 reference")
     try:  # the build's own pipeline, in this process; its memory is handed back before the engines load
         compile_engine(recipe, tmp)
     except KilnError as e:

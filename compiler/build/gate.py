@@ -14,7 +14,8 @@ from compiler.errors import KilnError
 def quality_gate(recipe: Recipe, artifact: Path, source: Path, progress: bool) -> dict:
     """Perplexity, top-1 agreement and KL vs the fp32 engine; a violated limit fails the build."""
     q = recipe.quality
-    res = evaluate(artifact, reference=source, text_path=Path(q.text) if q.text else None, window=q.window, progress=progress)
+    res = evaluate(artifact, reference=source, text_path=Path(q.text) if q.text else None, window=q.window, progress=progress,
+                   adapters=recipe.adapter_list())  # the reference is the fp32 merged model
     figures = res.to_dict()
     failed = []
     if q.max_ppl_increase_pct is not None and figures["ppl_increase_pct"] > q.max_ppl_increase_pct:

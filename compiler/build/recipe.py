@@ -40,6 +40,13 @@ class OnnxRuntimeOptions(StrictModel):
 KV_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}
 
 
+class AdapterSpec(StrictModel):
+    """A PEFT LoRA adapter merged into the weights before quantisation (frontend/adapters.py)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    path: str  # the adapter directory (adapter_config.json + adapter_model.safetensors)
+
+
 class KVCacheOptions(StrictModel):
     """What the KV rows hold and which kernel attends over them. int8 and fp8 rows keep a float32
     scale per token and head; every dtype but fp32 needs kiln's own attention kernel (ONNX Runtime's
@@ -137,6 +144,26 @@ class Recipe(StrictModel):
     kv_cache: KVCacheOptions = KVCacheOptions()
     speculative: SpeculativeOptions | None = None
     serve: ServeOptions | None = None
+    adapters: list[AdapterSpec] = []  # merged in order, before quantisation (so AWQ calibrates the merged model)
+
+    def adapter_list(self) -> list[tuple[str, str]]:
+        return [(a.name, a.path) for a in self.adapters]
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapters(cls, v: list[AdapterSpec]) -> list[AdapterSpec]:
+        names = [a.name for a in v]
+        if len(set(names)) != len(names):
+            raise ValueError("two adapters have the same name")
+        return v
+
+    @model_validator(mode="after")
+    def _adapters_change_the_weights(self):
+        """scheme gguf keeps the file's grids exactly, which a merged adapter would change."""
+        if self.adapters and self.quantization is not None and self.quantization.scheme == "gguf":
+            raise ValueError("adapters cannot be merged into scheme gguf (it keeps the file's grids as they are); "
+                             "use int4-awq or another scheme")
+        return self
 
     @model_validator(mode="before")
     @classmethod

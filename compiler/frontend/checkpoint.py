@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import KilnError
+from compiler.frontend.adapters import Adapter, merged
 from compiler.frontend.safetensors_file import SafetensorsFile, TensorInfo
 from compiler.runtime.hashing import file_chunks, sha256_chunks
 
@@ -47,6 +48,7 @@ class Checkpoint:
     files: list[SafetensorsFile]
     index: dict[str, SafetensorsFile] = field(default_factory=dict)
     claimed: set[str] = field(default_factory=set)  # weights a graph builder has asked for (weights.Weights)
+    adapters: list[Adapter] = field(default_factory=list)  # LoRA adapters merged as weights are read
 
     @classmethod
     def open(cls, root: str | Path) -> "Checkpoint":
@@ -70,7 +72,17 @@ class Checkpoint:
         return self.index[name].tensors[name]
 
     def read(self, name: str) -> np.ndarray:
-        return self.index[name].read(name)
+        w = self.index[name].read(name)
+        return merged(name, w, self.adapters) if self.adapters else w
+
+    def with_adapters(self, adapters: list[Adapter]) -> "Checkpoint":
+        """The same checkpoint, its weights read with the adapters merged in (frontend/adapters.py)."""
+        return Checkpoint(self.root, self.config, self.generation_config, self.files, self.index, set(), list(adapters))
+
+    def hashed_files(self) -> list[Path]:
+        """What the digest covers: config, weights, tokenizer files, and each adapter's two files."""
+        extra = [p for a in self.adapters for p in (a.root / "adapter_config.json", a.file.path)]
+        return sorted({self.root / "config.json", *(f.path for f in self.files), *self.tokenizer_files(), *extra})
 
     def check_all_claimed(self, ignorable: tuple[str, ...] = ()) -> None:
         """Refuse a checkpoint whose weights the built graph did not all use (a config.json that
@@ -85,11 +97,9 @@ class Checkpoint:
         return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
 
     def digest(self) -> str:
-        """sha256 over config, weights and tokenizer files (streamed, 8 MiB at a time)."""
-        paths = [self.root / "config.json", *(f.path for f in self.files), *self.tokenizer_files()]
-
+        """sha256 over config, weights, tokenizer and adapter files (streamed, 8 MiB at a time)."""
         def named_contents():  # each file's name, a NUL, then its bytes
-            for p in sorted(set(paths)):
+            for p in self.hashed_files():
                 yield p.name.encode() + b"\0"
                 yield from file_chunks(p)
 

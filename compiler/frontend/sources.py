@@ -1,4 +1,6 @@
-"""Where a recipe's `source` points: a checkpoint directory, `hf://org/name[@revision]`, or a GGUF file.
+"""Where a recipe's `source` points: a checkpoint directory, `hf://org/name[@revision]`, or a GGUF file;
+and its `adapters` (directories or hf:// repos of PEFT LoRA adapters), opened with it by
+`open_source`.
 
 Hub sources are fetched with huggingface_hub (safetensors, JSON and tokenizer files only; never
 pickles) into its cache; `HF_ENDPOINT` points it elsewhere (the tests use a local fake hub).
@@ -12,6 +14,8 @@ import os
 from pathlib import Path
 
 from compiler.errors import KilnError
+from compiler.frontend.adapters import Adapter
+from compiler.frontend.checkpoint import Checkpoint
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
@@ -29,6 +33,24 @@ def resolve_source(source: str) -> Path:
     if not path.exists():
         raise KilnError(f"source {source} does not exist", "point 'source' at a checkpoint directory, a .gguf file or hf://org/name")
     return path
+
+
+def open_source(source: str, adapters: list[tuple[str, str]] = ()):
+    """(the checkpoint's directory, the Checkpoint with the adapters (name, path) merged as it is read)."""
+    root = resolve_source(source)
+    ckpt = Checkpoint.open(root)
+    if adapters:
+        ckpt = ckpt.with_adapters([Adapter.open(name, _adapter_dir(path), ckpt) for name, path in adapters])
+    return root, ckpt
+
+
+def _adapter_dir(path: str) -> Path:
+    if path.startswith("hf://"):
+        return _from_hub(path[len("hf://"):])
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise KilnError(f"adapter {path} is not a directory", "point adapters[].path at a PEFT adapter directory or hf://org/name")
+    return p
 
 
 def _from_hub(ref: str) -> Path:
