@@ -130,3 +130,14 @@ def test_adapters_and_gguf_grids_do_not_mix(base, tmp_path, capsys):
     recipe = _recipe(tmp_path, base, [{"name": "x", "path": str(tmp_path)}], quantization={"scheme": "gguf"})
     assert main(["build", str(recipe), "--out", str(tmp_path / "art"), "--quiet"]) == 2
     assert "adapters cannot be merged into scheme gguf" in capsys.readouterr().err
+
+
+def test_a_quantised_adapter_build_is_gated_against_the_merged_fp32_model(base, tmp_path):
+    from compiler.build.evaluate import evaluate
+
+    spec = [{"name": "a", "path": str(make_adapter(base, tmp_path / "a", 8))}]
+    q = build_artifact(base, tmp_path / "q", "q", adapters=spec, quantization={"scheme": "int4-awq", "calibration": {
+        "samples": 2, "seq_len": 64}}, quality={"window": 128, "max_ppl_increase_pct": 1000})
+    fp32 = build_artifact(base, tmp_path / "f", "f", adapters=spec)
+    gate = json.loads((q / "kiln.json").read_text())["quality"]
+    assert gate["reference_perplexity"] == pytest.approx(evaluate(fp32, window=128, progress=False).perplexity, rel=1e-6)
