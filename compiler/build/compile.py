@@ -32,6 +32,7 @@ from compiler.frontend.sharding import Layout
 from compiler.frontend.sources import open_source
 from compiler.passes import PassManager, plugin_ops
 from compiler.passes.base import PassRecord
+from compiler.passes.prune import prune_checkpoint
 from compiler.runtime.config import EngineConfig, GenerationDefaults
 from compiler.runtime.text import Text
 from compiler.runtime import tools
@@ -51,6 +52,7 @@ class Prepared:
     layout: Layout | None  # tp x pp, or None for a single-rank build
     model: ir.Model | None  # the frontend's graph (lazy weights), single-rank builds only
     tools: dict | None = None  # how the chat template carries tool calls (runtime/tools.py); None: no template
+    pruned: dict | None = None  # what structured pruning removed (passes/prune.py)
 
 
 @dataclass
@@ -66,9 +68,9 @@ class BuildResult:
     quality: dict | None = None
 
 
-def prepare(recipe: Recipe, source: Path, ckpt: Checkpoint, digest: str, build_key: str) -> Prepared:
+def prepare(recipe: Recipe, source: Path, ckpt: Checkpoint, digest: str, build_key: str, progress: bool = False) -> Prepared:
     """Every refusal that needs no build work: the model, its tokenizer, the recipe's limits,
-    the parallel layout and the backend's recipe rules."""
+    the parallel layout and the backend's recipe rules; then the pruning the recipe asks for."""
     arch = models.lookup(ckpt.config)
     cfg = arch.config(ckpt.config)
     tools = _check_tokenizer(ckpt) if arch.task == "generate" else None
@@ -83,10 +85,16 @@ def prepare(recipe: Recipe, source: Path, ckpt: Checkpoint, digest: str, build_k
         from compiler.backends.tensorrt import backend as trt_backend
 
         trt_backend.check_recipe(recipe.quantization, cfg, recipe.tensorrt.targets)  # before calibration
+    if recipe.prune is not None and arch.task == "embed":
+        raise KilnError(f"{arch.name} is an encoder: kiln prunes decoders", "remove prune from the recipe")
+    pruned = None
+    if recipe.prune is not None:  # calibrates the unpruned model, then builds from the pruned view
+        ckpt, pruned = prune_checkpoint(recipe.prune, arch, ckpt, progress)
+        cfg = arch.config(ckpt.config)
     facts = ModelFacts(cfg.num_layers, getattr(cfg, "num_kv_heads", 0), cfg.head_dim, cfg.vocab_size, _generation(ckpt), arch.task)
     model = arch.build(cfg, ckpt, recipe.max_seq)  # lazy: no weight is read yet
     ckpt.check_all_claimed(arch.ignored_weights)  # a lying config.json is refused here
-    return Prepared(source, ckpt, digest, build_key, arch, cfg, facts, lay, model if lay is None else None, tools)
+    return Prepared(source, ckpt, digest, build_key, arch, cfg, facts, lay, model if lay is None else None, tools, pruned)
 
 
 def compile_into(recipe: Recipe, prep: Prepared, out: Path, dump_ir: Path | None, progress: bool) -> BuildResult:

@@ -50,14 +50,15 @@ def build(recipe: Recipe, out_root: Path, *, dump_ir: Path | None = None, progre
     build_key = build_cache.key(recipe.resolved(), digest, _backend_version(recipe))
     if not force and dump_ir is None and (done := build_cache.up_to_date(out_root / recipe.name, build_key)) is not None:
         return {**done, "up_to_date": True}
-    prep = prepare(recipe, source, ckpt, digest, build_key)
+    prep = prepare(recipe, source, ckpt, digest, build_key, progress)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", suffix=".tmp", dir=out_root))
     tmp.chmod(0o755)
     try:
         result = compile_into(recipe, prep, tmp, dump_ir, progress)
         t = time.perf_counter()
-        if (recipe.quantization or recipe.kv_cache.dtype != "fp32") and recipe.backend == "onnxruntime" and recipe.quality.gate:
+        changed = recipe.quantization or recipe.kv_cache.dtype != "fp32" or prep.pruned is not None
+        if changed and recipe.backend == "onnxruntime" and recipe.quality.gate:
             # a TensorRT engine cannot run here: its quality is that of the same graph on onnxruntime
             result.quality = quality_gate(recipe, tmp, source, progress)
         result.stages["quality_gate_s"] = round(time.perf_counter() - t, 2)
@@ -119,6 +120,7 @@ def _manifest(recipe: Recipe, prep: Prepared, result: BuildResult, t0: float, tm
         "kv_cache": _kv_record(recipe, engine),
         "tools": prep.tools,
         "adapters": [a.record() for a in prep.ckpt.adapters],  # LoRA adapters merged into the weights
+        "pruned": prep.pruned,  # structured pruning: what was removed
     } | record({}, sorted(tmp.iterdir()))  # "files": {name: sha256}, "sizes": {name: bytes}
 
 

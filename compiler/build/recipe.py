@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.config_base import StrictModel, load_mapping
 from compiler.errors import KilnError
 from compiler.passes.quant import QuantConfig
+from compiler.passes.quant.base import Calibration
 
 SCHEMA_VERSION = 1
 
@@ -45,6 +46,25 @@ class AdapterSpec(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     path: str  # the adapter directory (adapter_config.json + adapter_model.safetensors)
+
+
+class PruneOptions(StrictModel):
+    """Structured pruning before the graph is built (passes/prune.py): FFN channels by calibration
+    importance. Head and whole-layer removal are not implemented yet: non-zero values are refused."""
+
+    ffn_channels: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of each layer's FFN channels removed
+    heads: float = 0.0
+    layers: int = 0
+    importance: Literal["activation"] = "activation"  # mean |a_j| x ||W_down[:, j]|| over the calibration set
+    calibration: Calibration = Calibration(samples=8, seq_len=256)
+
+    @field_validator("heads", "layers")
+    @classmethod
+    def _not_yet(cls, v, info: ValidationInfo):
+        if v:
+            raise ValueError(f"prune.{info.field_name} is not implemented by kiln yet; leave it at 0 "
+                             "(prune.ffn_channels removes FFN channels)")
+        return v
 
 
 class KVCacheOptions(StrictModel):
@@ -145,6 +165,7 @@ class Recipe(StrictModel):
     speculative: SpeculativeOptions | None = None
     serve: ServeOptions | None = None
     adapters: list[AdapterSpec] = []  # merged in order, before quantisation (so AWQ calibrates the merged model)
+    prune: PruneOptions | None = None  # structured pruning, after the adapters, before the graph; always gated
 
     def adapter_list(self) -> list[tuple[str, str]]:
         return [(a.name, a.path) for a in self.adapters]

@@ -8,6 +8,7 @@ copy read on demand, so peak memory stays near the largest single tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass, field
@@ -79,6 +80,12 @@ class Checkpoint:
         """The same checkpoint, its weights read with the adapters merged in (frontend/adapters.py)."""
         return Checkpoint(self.root, self.config, self.generation_config, self.files, self.index, set(), list(adapters))
 
+    def pruned(self, config: dict, slices: dict[str, tuple[int, np.ndarray]]) -> "Checkpoint":
+        """A view with `config` and, for each named weight, only the indices kept along one axis
+        (structured pruning: passes/prune.py)."""
+        return PrunedCheckpoint(self.root, config, self.generation_config, self.files, self.index, set(),
+                                self.adapters, dict(slices))
+
     def hashed_files(self) -> list[Path]:
         """What the digest covers: config, weights, tokenizer files, and each adapter's two files."""
         extra = [p for a in self.adapters for p in (a.root / "adapter_config.json", a.file.path)]
@@ -104,6 +111,29 @@ class Checkpoint:
                 yield from file_chunks(p)
 
         return "sha256:" + sha256_chunks(named_contents())
+
+
+@dataclass
+class PrunedCheckpoint(Checkpoint):
+    """Weights read with whole rows or columns removed; shapes as read (info) follow."""
+
+    slices: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # name -> (axis, indices kept)
+
+    def info(self, name: str) -> TensorInfo:
+        info = super().info(name)
+        if name not in self.slices:
+            return info
+        axis, keep = self.slices[name]
+        shape = list(info.shape)
+        shape[axis] = len(keep)
+        return dataclasses.replace(info, shape=tuple(shape))
+
+    def read(self, name: str) -> np.ndarray:
+        w = super().read(name)
+        if name not in self.slices:
+            return w
+        axis, keep = self.slices[name]
+        return np.ascontiguousarray(np.take(w, keep, axis=axis))
 
 
 def _weight_files(root: Path) -> list[Path]:
