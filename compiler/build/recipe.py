@@ -106,7 +106,7 @@ class ParallelOptions(StrictModel):
 
 
 class QualityLimits(StrictModel):
-    """Build-time quality gate of a quantised engine (weights, or KV rows other than fp32) against the fp32 engine of the same source."""
+    """Build-time quality gate of a quantised or pruned engine (weights, KV rows other than fp32, removed channels) against the fp32 engine of the same source."""
 
     window: int = Field(2048, ge=16, description="evaluation tokens (stdlib text unless text is set)")
     text: str | None = None
