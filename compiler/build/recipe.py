@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from compiler.backends.tensorrt.options import TensorRTOptions
 from compiler.config_base import StrictModel, load_mapping
@@ -49,22 +49,15 @@ class AdapterSpec(StrictModel):
 
 
 class PruneOptions(StrictModel):
-    """Structured pruning before the graph is built (passes/prune.py): FFN channels by calibration
-    importance. Head and whole-layer removal are not implemented yet: non-zero values are refused."""
+    """Structured pruning before the graph is built (passes/prune.py), each part chosen from one
+    calibration run: FFN channels and query heads by activation importance, whole layers by
+    block influence."""
 
     ffn_channels: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of each layer's FFN channels removed
-    heads: float = 0.0
-    layers: int = 0
-    importance: Literal["activation"] = "activation"  # mean |a_j| x ||W_down[:, j]|| over the calibration set
+    heads: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of each KV group's query heads removed
+    layers: int = Field(0, ge=0)  # whole layers removed, those that turn the residual stream least
+    importance: Literal["activation"] = "activation"  # mean |a_j| x ||W_out[:, j]|| over the calibration set
     calibration: Calibration = Calibration(samples=8, seq_len=256)
-
-    @field_validator("heads", "layers")
-    @classmethod
-    def _not_yet(cls, v, info: ValidationInfo):
-        if v:
-            raise ValueError(f"prune.{info.field_name} is not implemented by kiln yet; leave it at 0 "
-                             "(prune.ffn_channels removes FFN channels)")
-        return v
 
 
 class KVCacheOptions(StrictModel):

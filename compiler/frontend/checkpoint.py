@@ -69,6 +69,9 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.index)
 
+    def has(self, name: str) -> bool:
+        return name in self.index
+
     def info(self, name: str) -> TensorInfo:
         return self.index[name].tensors[name]
 
@@ -80,11 +83,14 @@ class Checkpoint:
         """The same checkpoint, its weights read with the adapters merged in (frontend/adapters.py)."""
         return Checkpoint(self.root, self.config, self.generation_config, self.files, self.index, set(), list(adapters))
 
-    def pruned(self, config: dict, slices: dict[str, tuple[int, np.ndarray]]) -> "Checkpoint":
-        """A view with `config` and, for each named weight, only the indices kept along one axis
-        (structured pruning: passes/prune.py)."""
+    def pruned(self, config: dict, slices: dict[str, tuple[int, np.ndarray]],
+               sources: dict[str, str] | None = None) -> "Checkpoint":
+        """A view with `config`; its weights are `sources` (view name -> checkpoint name; default:
+        every weight under its own name) and, for each view name in `slices`, only the indices kept
+        along one axis (structured pruning: passes/prune.py)."""
+        sources = {n: n for n in self.index} if sources is None else dict(sources)
         return PrunedCheckpoint(self.root, config, self.generation_config, self.files, self.index, set(),
-                                self.adapters, dict(slices))
+                                self.adapters, dict(slices), sources)
 
     def hashed_files(self) -> list[Path]:
         """What the digest covers: config, weights, tokenizer files, and each adapter's two files."""
@@ -115,12 +121,20 @@ class Checkpoint:
 
 @dataclass
 class PrunedCheckpoint(Checkpoint):
-    """Weights read with whole rows or columns removed; shapes as read (info) follow."""
+    """Weights renamed (whole layers removed, the rest renumbered) and read with whole rows or
+    columns removed; shapes as read (info) follow. Names are the view's; claimed holds view names."""
 
     slices: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # name -> (axis, indices kept)
+    sources: dict[str, str] = field(default_factory=dict)  # view name -> checkpoint name
+
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def has(self, name: str) -> bool:
+        return name in self.sources
 
     def info(self, name: str) -> TensorInfo:
-        info = super().info(name)
+        info = super().info(self.sources[name])
         if name not in self.slices:
             return info
         axis, keep = self.slices[name]
@@ -129,7 +143,7 @@ class PrunedCheckpoint(Checkpoint):
         return dataclasses.replace(info, shape=tuple(shape))
 
     def read(self, name: str) -> np.ndarray:
-        w = super().read(name)
+        w = super().read(self.sources[name])
         if name not in self.slices:
             return w
         axis, keep = self.slices[name]

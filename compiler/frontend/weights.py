@@ -25,7 +25,7 @@ class Weights:
         self.dtype = np.dtype(dtype)
 
     def has(self, name: str) -> bool:
-        return name in self.ckpt.index
+        return self.ckpt.has(name)
 
     def get(self, name: str, shape: tuple[int, ...], transpose: bool = False, offset: float = 0.0) -> ir.Value:
         """Initializer for checkpoint tensor `name`, checked against `shape` (checkpoint layout).
@@ -60,7 +60,7 @@ class Weights:
         return ir.DataType.FLOAT if self.dtype == np.float32 else ir.DataType.FLOAT16
 
     def _check(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self.ckpt.index:
+        if not self.ckpt.has(name):
             raise KilnError(f"checkpoint {self.ckpt.root} lacks weight {name}", "use the complete checkpoint for this architecture")
         info = self.ckpt.info(name)
         if tuple(info.shape) != tuple(shape):

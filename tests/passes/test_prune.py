@@ -26,20 +26,46 @@ def logits_of(artifact) -> np.ndarray:
     return s.step(s.binding(s.new_cache(1)), np.array(IDS), np.arange(T)[None], np.arange(T)[None])[0]
 
 
-def cut_in_torch(base, removed: dict[str, list[int]]) -> np.ndarray:
-    """transformers' logits with the recorded channels removed by hand."""
+def cut_in_torch(base, pruned: dict) -> np.ndarray:
+    """transformers' logits of the model with the recorded layers, heads and channels cut out by hand."""
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    cfg, D = model.config, model.config.head_dim
+    gone = set(pruned.get("removed_layers", []))
+    state, L = {}, cfg.num_hidden_layers
+    for name, w in model.state_dict().items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            if int(parts[2]) in gone:
+                continue
+            parts[2] = str(sorted(set(range(L)) - gone).index(int(parts[2])))
+        state[".".join(parts)] = w
+    for i in range(L - len(gone)):
+        p = f"model.layers.{i}."
+        ch = pruned.get("removed_channels", {}).get(str(i), [])
+        keep = torch.tensor(sorted(set(range(cfg.intermediate_size)) - set(ch)))
+        for w in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            state[p + w] = state[p + w][keep]
+        state[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, keep]
+        heads = sorted(set(range(cfg.num_attention_heads)) - set(pruned.get("removed_heads", {}).get(str(i), [])))
+        rows = torch.tensor([h * D + d for h in heads for d in range(D)])
+        state[p + "self_attn.q_proj.weight"] = state[p + "self_attn.q_proj.weight"][rows]
+        state[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, rows]
+        if pruned.get("num_kv_heads", [0, 0])[0] != pruned.get("num_kv_heads", [0, 0])[1]:  # whole heads went
+            for w in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+                state[p + w] = state[p + w][rows]
+    cfg.num_hidden_layers, cfg.head_dim = L - len(gone), D
+    cfg.intermediate_size = pruned.get("intermediate_size", [0, cfg.intermediate_size])[1]
+    cfg.num_attention_heads = pruned.get("num_heads", [0, cfg.num_attention_heads])[1]
+    cfg.num_key_value_heads = pruned.get("num_kv_heads", [0, cfg.num_key_value_heads])[1]
+    if "layer_types" in cfg.to_dict() and cfg.layer_types:
+        cfg.layer_types = [t for j, t in enumerate(cfg.layer_types) if j not in gone]
+    cut = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    cut.load_state_dict(state)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            mlp = layer.mlp
-            keep = torch.tensor(sorted(set(range(mlp.down_proj.in_features)) - set(removed[str(i)])))
-            for lin in (mlp.gate_proj, mlp.up_proj):
-                lin.weight = torch.nn.Parameter(lin.weight[keep].clone())
-            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, keep].clone())
-        return model(torch.tensor(IDS)).logits[0].numpy()
+        return cut(torch.tensor(IDS)).logits[0].numpy()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -49,8 +75,46 @@ def test_the_pruned_engine_is_the_model_with_those_channels_cut(tmp_path, arch):
     m = json.loads((art / "kiln.json").read_text())
     p = m["pruned"]
     assert p["intermediate_size"] == [160, 80] and all(len(v) == 80 for v in p["removed_channels"].values())
-    assert np.abs(logits_of(art) - cut_in_torch(base, p["removed_channels"])).max() < 1e-4
+    assert np.abs(logits_of(art) - cut_in_torch(base, p)).max() < 1e-4
     assert "ppl_increase_pct" in m["quality"] and "- pruned: 50% of each layer's FFN channels" in (art / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_removed_layers_and_channels_equal_the_model_without_them(tmp_path, arch):
+    base = make_tiny(arch, tmp_path / "base", num_hidden_layers=4)
+    art = build_artifact(base, tmp_path, "p", prune={"layers": 2, "ffn_channels": 0.25, "calibration": CAL}, quality=LOOSE)
+    p = json.loads((art / "kiln.json").read_text())["pruned"]
+    assert p["layers"] == [4, 2] and len(p["removed_layers"]) == 2 and len(p["block_influence"]) == 4
+    assert sorted(p["removed_layers"]) == sorted(np.argsort(p["block_influence"], kind="stable")[:2].tolist())
+    got = logits_of(art)
+    assert np.abs(got - cut_in_torch(base, p)).max() < 1e-4
+    assert json.loads((art / "engine.json").read_text())["kv_cache"]["num_layers"] == 2
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen3", 2), ("llama", 4)])
+def test_removed_heads_equal_the_model_without_them(tmp_path, arch, kv):
+    base = make_tiny(arch, tmp_path / "base", num_key_value_heads=kv)
+    art = build_artifact(base, tmp_path, "p", prune={"heads": 0.5, "calibration": CAL}, quality=LOOSE)
+    p = json.loads((art / "kiln.json").read_text())["pruned"]
+    assert p["num_heads"] == [4, 2] and p["num_kv_heads"] == [kv, 2] and all(len(h) == 2 for h in p["removed_heads"].values())
+    if kv == 2:  # grouped KV: one query head of each group stays
+        assert all(len({h // 2 for h in set(range(4)) - set(r)}) == 2 for r in p["removed_heads"].values())
+    assert np.abs(logits_of(art) - cut_in_torch(base, p)).max() < 1e-4
+    assert json.loads((art / "engine.json").read_text())["kv_cache"]["num_kv_heads"] == 2
+    assert "query heads 4 -> 2" in (art / "README.md").read_text()
+
+
+def test_a_layer_that_changes_nothing_is_the_one_removed(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    base = make_tiny("llama", tmp_path / "base", num_hidden_layers=4)
+    weights = load_file(base / "model.safetensors")
+    for w in ("self_attn.o_proj", "mlp.down_proj"):  # layer 2 adds zero to the residual stream
+        weights[f"model.layers.2.{w}.weight"][:] = 0.0
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    art = build_artifact(base, tmp_path, "p", prune={"layers": 1, "calibration": CAL}, quality=LOOSE)
+    p = json.loads((art / "kiln.json").read_text())["pruned"]
+    assert p["removed_layers"] == [2] and p["block_influence"][2] < 1e-6 and "removed_channels" not in p
 
 
 def test_channels_that_contribute_nothing_are_the_ones_removed(tmp_path):
@@ -85,11 +149,14 @@ def test_the_gate_fails_pruning_past_its_limit(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch,prune,says", [
-    ("llama", {"layers": 2}, "prune.layers is not implemented"),
-    ("llama", {"heads": 0.25}, "prune.heads is not implemented"),
+    ("llama", {"layers": 2}, "would remove all 2 layers"),
+    ("phi3", {"heads": 0.25}, "prune.heads needs separate self_attn.q_proj"),
+    ("llama", {"heads": 0.9}, "would remove every query head of a KV group"),
+    ("qwen3_moe_step2", {"layers": 1, "calibration": CAL}, "places its experts by layer index"),
     ("llama", {"ffn_channels": 1.0}, "prune.ffn_channels"),
     ("mixtral", {"ffn_channels": 0.25, "calibration": CAL}, "mixtures of experts"),
 ])
 def test_what_is_not_implemented_is_refused_by_name(tmp_path, capsys, arch, prune, says):
-    rc, err = _build(tmp_path, make_tiny(arch, tmp_path / "base"), capsys, prune=prune)
+    extra = {"decoder_sparse_step": 2} if arch.endswith("_step2") else {}
+    rc, err = _build(tmp_path, make_tiny(arch.removesuffix("_step2"), tmp_path / "base", **extra), capsys, prune=prune)
     assert rc == 2 and says in err and len(err.splitlines()) == 1, err

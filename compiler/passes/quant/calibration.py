@@ -20,7 +20,10 @@ position_ids = arange(S), every position selected for the epilogue, and zero KV 
 
 The caller builds the graph with max_seq = cfg.seq_len (the static cache then is no longer than
 the samples), runs the quantizers' passes (merge_qkv, merge_gate_up, ...) and then calls
-`collect()`, whose keys are the MatMul node names of that graph, e.g. `/layers.3/attn/qkv_proj/MatMul`.
+`collect()`, whose keys are the MatMul node names of that graph, e.g. `/layers.3/attn/qkv_proj/MatMul`,
+or "value:" + a value's name for the statistics of any value a node computes (pruning's block
+influence reads the residual stream that way: passes/prune.py). Every target of one run keeps
+the same token rows, so rows of two targets can be compared row by row.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from compiler.ir import meta
 
 EVAL_TOKENS = 2048 + 1  # `kiln eval`'s default window + 1 targets: calibration starts after them
 _EMBED_BYTES = 1 << 20  # in-memory constants up to this size are embedded; larger ones are fed
+VALUE = "value:"  # a target "value:<name>" collects the statistics of that value itself, not of a MatMul input
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,19 @@ def _default_targets(graph: ir.Graph) -> list[str]:
             and n.inputs[1].const_value is not None]
 
 
+def _target(t: str, by_name: dict[str, ir.Node], values: dict[str, ir.Value]) -> tuple[ir.Node, ir.Value]:
+    """(the node whose part collects target t, the value whose statistics it takes)."""
+    if t.startswith(VALUE):
+        v = values.get(t[len(VALUE):])
+        if v is None:
+            raise KilnError(f"calibration target {t!r} names no value a node of the graph computes", "name a node output")
+        return v.producer(), v
+    node = by_name.get(t)
+    if node is None or node.op_type != "MatMul":
+        raise KilnError(f"calibration target {t!r} is not a MatMul of the graph", "name MatMul nodes of the passed graph")
+    return node, node.inputs[0]
+
+
 def _partition(graph: ir.Graph, targets: list[str]) -> list[_Part]:
     """Prologue, one part per layer, epilogue; each sliced to what it must output."""
     layer = {n: i for n in graph if (i := meta.layer_of(n)) is not None}
@@ -171,11 +188,9 @@ def _partition(graph: ir.Graph, targets: list[str]) -> list[_Part]:
     index = {i: k + 1 for k, i in enumerate(order)}
     part_of = {n: 0 if n in pro else index[layer[n]] if n in layer else len(parts) - 1 for n in graph}
     by_name = {n.name: n for n in graph}
+    values = {v.name: v for n in graph for v in n.outputs}
     for t in targets:
-        node = by_name.get(t)
-        if node is None or node.op_type != "MatMul":
-            raise KilnError(f"calibration target {t!r} is not a MatMul of the graph", "name MatMul nodes of the passed graph")
-        x = node.inputs[0]
+        node, x = _target(t, by_name, values)
         parts[part_of[node]].targets[t] = x.name
         if x.producer() is not None:
             parts[part_of[x.producer()]].needed[x.name] = x
@@ -275,7 +290,8 @@ def _bar(progress: bool, total: int) -> Iterator:
 def collect(model: ir.Model, tokens: np.ndarray, targets: list[str] | None = None, progress: bool = True,
             *, keep_rows: int = 256, seed: int = 0, threads: int = 2) -> dict[str, ActStats]:
     """Statistics of the input of each target MatMul (default: every MatMul with a constant
-    weight) over tokens [N, S] int64, running the graph one part (layer) at a time.
+    weight), or of each "value:<name>", over tokens [N, S] int64, running the graph one part
+    (layer) at a time.
 
     The graph is the decoder as built by the frontend with max_seq = S, after the passes."""
     import onnxruntime as ort
