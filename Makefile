@@ -75,6 +75,7 @@ bench: setup model smollm2-135m
 	$(BIN)/python benchmarks/bench_speculative.py --out bench-results/bench-speculative.json
 	$(BIN)/python benchmarks/bench_cpu_kernels.py --artifact artifacts/smollm2-135m --out bench-results/bench-cpu-kernels.json
 	$(BIN)/python benchmarks/bench_grammar.py --artifact artifacts/smollm2-135m --out bench-results/bench-grammar.json
+	$(BIN)/python benchmarks/bench_prune.py --recipe recipes/smollm2-135m.yaml --out bench-results/bench-prune.json
 
 bench-plugins: setup   ## plugin kernels vs torch eager and the bandwidth bound (needs an NVIDIA GPU)
 	$(BIN)/python benchmarks/bench_plugins.py --out bench-results/bench-plugins.json
